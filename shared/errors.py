@@ -1,0 +1,40 @@
+"""alertgate's own exceptions, kept apart so every module can raise them without import cycles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AlertgateError(Exception):
+    """Base of every error alertgate raises on purpose."""
+
+
+class SettingsError(AlertgateError):
+    """One or more settings are invalid; the message names each setting and its rule."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {name}: {rule}" for name, rule in problems)
+        super().__init__(f"alertgate cannot start: {len(problems)} invalid setting(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One broken rule: `field` is where (`alertIds[2]`, `status`, a header name), `message` the rule."""
+
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class RequestRejected(AlertgateError):
+    """A request alertgate will not accept; `status` is the HTTP status it is answered with."""
+
+    def __init__(self, status: int, title: str, detail: str, errors: list[FieldError] | None = None) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = errors or []
+        super().__init__(detail)

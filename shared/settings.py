@@ -1,0 +1,319 @@
+"""alertgate's settings: read from the environment once, validated at start-up.
+
+Every setting of DESIGN §4 is parsed here and nowhere else. A bad value raises `SettingsError` listing
+every bad setting by name with the rule it broke, so a misconfigured deployment stops at start-up with a
+message an operator can act on, instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from shared.errors import SettingsError
+
+DEFAULT_ALERT_ID_PATTERN = r"^(?:[a-z]{2})?\d{18}_-?\d{1,20}$"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """At most `calls` calls in any interval of `seconds` seconds."""
+
+    calls: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.calls}/{self.seconds:g}"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where Table and Queue storage are: a connection string, or identity-based service URIs."""
+
+    connection_string: str | None
+    table_service_uri: str | None
+    queue_service_uri: str | None
+    credential: str | None
+    client_id: str | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: StorageSettings
+    defender_api_base_url: str
+    defender_token_scope: str
+    azure_client_id: str | None
+    alert_id_pattern: re.Pattern[str]
+    defender_rate_limits: tuple[RateWindow, ...]
+    rate_limit_safety_margin_seconds: float
+    defender_max_alerts_per_call: int
+    max_alerts_per_request: int
+    max_body_bytes: int
+    defender_enum_overrides: Mapping[str, str]
+    resend_unknown_with_comment: bool
+    idempotency_ttl_seconds: float
+    derived_key_ttl_seconds: float
+    sync_max_wait_seconds: float
+    defender_http_timeout_seconds: float
+    requests_queue: str
+    chunks_queue: str
+    table_prefix: str
+    max_attempts: int
+    sentinel_mapping: Mapping[str, Mapping[str, str]]
+    sentinel_default_assignee: str | None
+    # In Azure (and locally against the identity emulator) the App Service identity endpoint is set;
+    # elsewhere a developer's own login is used through DefaultAzureCredential (DESIGN §5).
+    use_managed_identity: bool = field(default=False)
+
+    @property
+    def batch_update_url(self) -> str:
+        return f"{self.defender_api_base_url}/api/alerts/batchUpdate"
+
+
+class _Reader:
+    """Collects every problem instead of stopping at the first, so one start-up shows them all."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[tuple[str, str]] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            self.problems.append((name, f"{exc} (got {value!r})"))
+            return default
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _seconds(minimum: float, *, allow_equal: bool = True) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number of seconds (decimals allowed)") from None
+        if not math.isfinite(value) or value < minimum or (not allow_equal and value == minimum):
+            bound = "at least" if allow_equal else "more than"
+            raise ValueError(f"must be a finite number of seconds {bound} {minimum:g}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"true", "1", "yes"}:
+        return True
+    if lowered in {"false", "0", "no"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or fragment")
+    return text.rstrip("/")
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    try:
+        # ASCII: `\d` must not match other scripts' digits (DESIGN §1: ASCII digits only).
+        return re.compile(text, re.ASCII)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+
+
+def parse_rate_limits(text: str) -> tuple[RateWindow, ...]:
+    """`10/60,500/3600` → windows; calls whole and positive, seconds positive (decimals allowed)."""
+    windows: list[RateWindow] = []
+    for part in text.split(","):
+        calls_text, sep, seconds_text = part.strip().partition("/")
+        if not sep:
+            raise ValueError("must be a comma-separated list of calls/seconds, like 10/60,500/3600")
+        calls = _positive_int(calls_text.strip())
+        seconds = _seconds(0, allow_equal=False)(seconds_text.strip())
+        windows.append(RateWindow(calls, seconds))
+    if len({w.seconds for w in windows}) != len(windows):
+        raise ValueError("must not name the same window length twice")
+    return tuple(sorted(windows, key=lambda w: w.seconds))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"must be a JSON object: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def _queue_name(text: str) -> str:
+    # Storage rule: 3-63 chars, lowercase letters, digits and single hyphens, not at either end.
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9]|-(?!-)){1,61}[a-z0-9]", text):
+        raise ValueError("must be a Storage queue name: 3-63 lowercase letters, digits and single hyphens")
+    return text
+
+
+def _table_prefix(text: str) -> str:
+    # Table names: alphanumeric, start with a letter, 3-63; the longest suffix we add is 'Operations'.
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,52}", text):
+        raise ValueError("must start with a letter and hold only letters and digits (at most 53)")
+    return text
+
+
+def _storage(reader: _Reader) -> StorageSettings:
+    conn = reader.raw("AzureWebJobsStorage")
+    account = reader.raw("AzureWebJobsStorage__accountName")
+    table_uri = reader.raw("AzureWebJobsStorage__tableServiceUri")
+    queue_uri = reader.raw("AzureWebJobsStorage__queueServiceUri")
+    if account:
+        table_uri = table_uri or f"https://{account}.table.core.windows.net"
+        queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
+    if not conn and not (table_uri and queue_uri):
+        reader.problems.append(
+            (
+                "AzureWebJobsStorage",
+                "is required: a connection string, or AzureWebJobsStorage__accountName (or both "
+                "AzureWebJobsStorage__tableServiceUri and AzureWebJobsStorage__queueServiceUri)",
+            )
+        )
+    for name, uri in (
+        ("AzureWebJobsStorage__tableServiceUri", table_uri),
+        ("AzureWebJobsStorage__queueServiceUri", queue_uri),
+    ):
+        if uri and not conn:
+            try:
+                _http_url(uri)
+            except ValueError as exc:
+                reader.problems.append((name, str(exc)))
+    return StorageSettings(
+        connection_string=conn,
+        table_service_uri=None if conn else table_uri,
+        queue_service_uri=None if conn else queue_uri,
+        credential=reader.raw("AzureWebJobsStorage__credential"),
+        client_id=reader.raw("AzureWebJobsStorage__clientId"),
+    )
+
+
+def _enum_overrides(reader: _Reader) -> dict[str, str]:
+    from shared.model import ALL_CANONICAL_VALUES  # model imports nothing heavy
+
+    overrides: dict[str, Any] = reader.get("DEFENDER_ENUM_OVERRIDES", {}, _json_object)
+    clean: dict[str, str] = {}
+    for key, value in overrides.items():
+        if key not in ALL_CANONICAL_VALUES:
+            reader.problems.append(
+                (
+                    "DEFENDER_ENUM_OVERRIDES",
+                    f"key {key!r} is not a canonical status, classification or "
+                    f"determination value (one of {', '.join(sorted(ALL_CANONICAL_VALUES))})",
+                )
+            )
+        elif not isinstance(value, str) or not value.strip():
+            reader.problems.append(
+                ("DEFENDER_ENUM_OVERRIDES", f"value for {key!r} must be a non-empty string")
+            )
+        else:
+            clean[key] = value
+    return clean
+
+
+def _sentinel_mapping(reader: _Reader) -> dict[str, dict[str, str]]:
+    """Shape-checked here; the sentinel module checks the values against the enums when it is built."""
+    mapping: dict[str, Any] = reader.get("SENTINEL_MAPPING", {}, _json_object)
+    clean: dict[str, dict[str, str]] = {}
+    for key, value in mapping.items():
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            reader.problems.append(
+                (
+                    "SENTINEL_MAPPING",
+                    f"entry {key!r} must be an object of strings, like "
+                    '{"classification": "FalsePositive", "determination": "NotMalicious"}',
+                )
+            )
+            continue
+        clean[key] = dict(value)
+    return clean
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Parse and validate every setting; raise SettingsError naming each bad one."""
+    reader = _Reader(os.environ if env is None else env)
+    max_per_call = reader.get("DEFENDER_MAX_ALERTS_PER_CALL", 500, _positive_int)
+    max_per_request = reader.get("MAX_ALERTS_PER_REQUEST", 10000, _positive_int)
+    settings = Settings(
+        storage=_storage(reader),
+        defender_api_base_url=reader.get(
+            "DEFENDER_API_BASE_URL", "https://api.security.microsoft.com", _http_url
+        ),
+        defender_token_scope=reader.get(
+            "DEFENDER_TOKEN_SCOPE", "https://api.securitycenter.microsoft.com/.default", str
+        ),
+        azure_client_id=reader.raw("AZURE_CLIENT_ID"),
+        alert_id_pattern=reader.get(
+            "ALERT_ID_PATTERN", re.compile(DEFAULT_ALERT_ID_PATTERN, re.ASCII), _pattern
+        ),
+        defender_rate_limits=reader.get(
+            "DEFENDER_RATE_LIMITS", (RateWindow(10, 60.0), RateWindow(500, 3600.0)), parse_rate_limits
+        ),
+        rate_limit_safety_margin_seconds=reader.get("RATE_LIMIT_SAFETY_MARGIN_SECONDS", 1.0, _seconds(0)),
+        defender_max_alerts_per_call=max_per_call,
+        max_alerts_per_request=max_per_request,
+        max_body_bytes=reader.get("MAX_BODY_BYTES", 1048576, _positive_int),
+        defender_enum_overrides=_enum_overrides(reader),
+        resend_unknown_with_comment=reader.get("RESEND_UNKNOWN_WITH_COMMENT", False, _bool),
+        idempotency_ttl_seconds=reader.get(
+            "IDEMPOTENCY_TTL_SECONDS", 86400.0, _seconds(0, allow_equal=False)
+        ),
+        derived_key_ttl_seconds=reader.get("DERIVED_KEY_TTL_SECONDS", 600.0, _seconds(0)),
+        sync_max_wait_seconds=reader.get("SYNC_MAX_WAIT_SECONDS", 5.0, _seconds(0)),
+        defender_http_timeout_seconds=reader.get(
+            "DEFENDER_HTTP_TIMEOUT_SECONDS", 30.0, _seconds(0, allow_equal=False)
+        ),
+        requests_queue=reader.get("REQUESTS_QUEUE", "alert-update-requests", _queue_name),
+        chunks_queue=reader.get("CHUNKS_QUEUE", "alert-update-chunks", _queue_name),
+        table_prefix=reader.get("TABLE_PREFIX", "alertgate", _table_prefix),
+        max_attempts=reader.get("MAX_ATTEMPTS", 12, _positive_int),
+        sentinel_mapping=_sentinel_mapping(reader),
+        sentinel_default_assignee=reader.raw("SENTINEL_DEFAULT_ASSIGNEE"),
+        use_managed_identity=bool(
+            reader.raw("IDENTITY_ENDPOINT") or reader.raw("MSI_ENDPOINT") or reader.raw("WEBSITE_INSTANCE_ID")
+        ),
+    )
+    if settings.requests_queue == settings.chunks_queue:
+        reader.problems.append(("CHUNKS_QUEUE", "must differ from REQUESTS_QUEUE"))
+    if reader.problems:
+        raise SettingsError(reader.problems)
+    return settings

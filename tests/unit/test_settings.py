@@ -1,0 +1,70 @@
+"""Settings: defaults, parsing, and start-up errors that name the setting and the rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import RateWindow, load_settings, parse_rate_limits
+
+BASE = {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings(BASE)
+    assert s.defender_api_base_url == "https://api.security.microsoft.com"
+    assert s.batch_update_url == "https://api.security.microsoft.com/api/alerts/batchUpdate"
+    assert s.defender_token_scope == "https://api.securitycenter.microsoft.com/.default"
+    assert s.defender_rate_limits == (RateWindow(10, 60.0), RateWindow(500, 3600.0))
+    assert (s.defender_max_alerts_per_call, s.max_alerts_per_request, s.max_body_bytes) == (500, 10000, 1048576)
+    assert (s.idempotency_ttl_seconds, s.derived_key_ttl_seconds, s.sync_max_wait_seconds) == (86400, 600, 5)
+    assert (s.requests_queue, s.chunks_queue, s.table_prefix, s.max_attempts) == (
+        "alert-update-requests", "alert-update-chunks", "alertgate", 12,
+    )  # fmt: skip
+    assert s.rate_limit_safety_margin_seconds == 1 and s.defender_http_timeout_seconds == 30
+    assert s.resend_unknown_with_comment is False and dict(s.defender_enum_overrides) == {}
+    assert s.alert_id_pattern.fullmatch("da637399794050273582_760707377")
+
+
+def test_decimal_seconds_and_scaled_windows() -> None:
+    s = load_settings({**BASE, "DEFENDER_RATE_LIMITS": "20/20, 5/2", "SYNC_MAX_WAIT_SECONDS": "0.25"})
+    assert s.defender_rate_limits == (RateWindow(5, 2.0), RateWindow(20, 20.0))
+    assert s.sync_max_wait_seconds == 0.25
+
+
+def test_every_bad_setting_is_named_at_once() -> None:
+    env = {
+        "DEFENDER_RATE_LIMITS": "10 per minute",
+        "MAX_BODY_BYTES": "0",
+        "DEFENDER_API_BASE_URL": "ftp://x",
+        "ALERT_ID_PATTERN": "(",
+        "DEFENDER_ENUM_OVERRIDES": '{"Nope": "x"}',
+        "RESEND_UNKNOWN_WITH_COMMENT": "maybe",
+        "REQUESTS_QUEUE": "Bad_Queue",
+        "SYNC_MAX_WAIT_SECONDS": "nan",
+    }
+    with pytest.raises(SettingsError) as exc:
+        load_settings(env)
+    named = {name for name, _ in exc.value.problems}
+    assert named == set(env) | {"AzureWebJobsStorage"}
+    assert "DEFENDER_RATE_LIMITS: must be a comma-separated list" in str(exc.value)
+
+
+def test_identity_based_storage() -> None:
+    s = load_settings({"AzureWebJobsStorage__accountName": "acct", "AzureWebJobsStorage__credential":
+                       "managedidentity", "AzureWebJobsStorage__clientId": "cid"})  # fmt: skip
+    assert s.storage.connection_string is None
+    assert s.storage.table_service_uri == "https://acct.table.core.windows.net"
+    assert s.storage.queue_service_uri == "https://acct.queue.core.windows.net"
+    assert (s.storage.credential, s.storage.client_id) == ("managedidentity", "cid")
+
+
+@pytest.mark.parametrize("text", ["", "10/0", "0/60", "10/60,20/60", "ten/60"])
+def test_bad_rate_limits(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rate_limits(text)
+
+
+def test_managed_identity_is_used_where_the_identity_endpoint_is_set() -> None:
+    assert load_settings({**BASE, "IDENTITY_ENDPOINT": "http://127.0.0.1:1/msi/token"}).use_managed_identity
+    assert not load_settings(BASE).use_managed_identity
