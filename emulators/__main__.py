@@ -1,0 +1,160 @@
+"""`python -m emulators`: the MDE emulator and the managed-identity endpoint in one process.
+
+One process and one event loop, because the two servers share the in-memory token registry: the MDE
+side must accept exactly the tokens the identity side issued. The READY line tells launchers (and
+people) the real addresses, which matters when a port of 0 lets the OS choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from emulators.identity import (
+    DEFAULT_TOKEN_LIFETIME_SECONDS,
+    LOG_DETAIL,
+    TOKEN_PATH,
+    IdentityEmulator,
+    TokenRegistry,
+)
+from emulators.mde import (
+    DEFAULT_AUDIENCE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_RATE_LIMITS,
+    MdeConfig,
+    MdeEmulator,
+    RateLimit,
+    parse_rate_limits,
+)
+
+# In-flight calls (a scripted delay, say) get this long to finish once a stop signal arrives.
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+
+def _rate_limits(text: str) -> tuple[RateLimit, ...]:
+    try:
+        return parse_rate_limits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m emulators", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address both servers listen on")
+    parser.add_argument("--mde-port", type=int, required=True, help="MDE API port (0: any free port)")
+    parser.add_argument("--identity-port", type=int, required=True, help="identity port (0: any free port)")
+    parser.add_argument("--identity-header", required=True, help="the secret expected in X-IDENTITY-HEADER")
+    parser.add_argument(
+        "--rate-limits",
+        type=_rate_limits,
+        default=parse_rate_limits(DEFAULT_RATE_LIMITS),
+        help=f"CALLS/SECONDS sliding windows, comma-separated; '' for none (default {DEFAULT_RATE_LIMITS})",
+    )
+    parser.add_argument(
+        "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="most ids per call"
+    )
+    parser.add_argument(
+        "--token-lifetime-seconds", type=_positive_int, default=DEFAULT_TOKEN_LIFETIME_SECONDS
+    )
+    parser.add_argument(
+        "--audience",
+        action="append",
+        help=f"accepted token audience; repeat for several (default {DEFAULT_AUDIENCE})",
+    )
+    return parser
+
+
+def access_log(service: str) -> Middleware:
+    """One stdout line per call, with the handler's own summary (seq, outcome) when it left one."""
+
+    @web.middleware
+    async def log(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        status = "500"
+        try:
+            response = await handler(request)
+            status = str(response.status)
+            return response
+        except web.HTTPException as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            if request.transport is None or request.transport.is_closing():
+                status = "---"  # aborted on purpose, or the client left before the answer
+            elapsed_ms = (time.monotonic() - started) * 1000
+            stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            detail = request.get(LOG_DETAIL, "")
+            print(
+                f"{stamp} {service} {request.method} {request.path_qs} {status} {elapsed_ms:.1f}ms {detail}",
+                flush=True,
+            )
+
+    return log
+
+
+async def _start(app: web.Application, service: str, host: str, port: int) -> tuple[web.AppRunner, str]:
+    app.middlewares.append(access_log(service))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    bound_port = runner.addresses[0][1]
+    return runner, f"http://{host}:{bound_port}"
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run both servers until SIGTERM or SIGINT, then close them and return (exit status 0)."""
+    registry = TokenRegistry()
+    identity = IdentityEmulator(
+        registry, header_secret=args.identity_header, token_lifetime_seconds=args.token_lifetime_seconds
+    )
+    defaults = MdeConfig(
+        rate_limits=args.rate_limits,
+        max_batch=args.max_batch,
+        accepted_audiences=frozenset(args.audience or [DEFAULT_AUDIENCE]),
+    )
+    mde = MdeEmulator(registry, defaults)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runners: list[web.AppRunner] = []
+    try:
+        mde_runner, mde_url = await _start(mde.app(), "mde", args.host, args.mde_port)
+        runners.append(mde_runner)
+        identity_runner, identity_base = await _start(
+            identity.app(), "identity", args.host, args.identity_port
+        )
+        runners.append(identity_runner)
+        print(f"EMULATORS READY mde={mde_url} identity={identity_base}{TOKEN_PATH}", flush=True)
+        await stop.wait()
+        print("EMULATORS STOPPING", flush=True)
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

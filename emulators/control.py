@@ -1,0 +1,148 @@
+"""A typed async client for the emulators' `/_emulator/` control API, for tests and benchmarks.
+
+Tests share one emulator process for the whole session, so each test starts with `reset()`; the helper
+`max_calls_in_any_window` turns the recorded call times into proof that a client kept under a limit.
+"""
+
+from __future__ import annotations
+
+import re
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import quote
+
+import aiohttp
+
+
+class EmulatorControlError(RuntimeError):
+    """A control request was refused; the message carries the emulator's own explanation."""
+
+
+def max_calls_in_any_window(times: list[float], window_seconds: float) -> int:
+    """The most call times that fit in any half-open interval `[start, start + window_seconds)`.
+
+    An interval holding the most calls can always be slid right until it starts at one of them, so it is
+    enough to count, for each time, the times in `[time, time + window)` (two pointers over the sorted
+    list, O(n log n)). This matches the emulator's sliding windows: with a limit of N calls per W
+    seconds, the admitted call times never give more than N here.
+    """
+    if window_seconds <= 0:
+        raise ValueError("window_seconds must be positive")
+    ordered = sorted(times)
+    best = 0
+    end = 0
+    for start, first in enumerate(ordered):
+        end = max(end, start)
+        while end < len(ordered) and ordered[end] < first + window_seconds:
+            end += 1
+        best = max(best, end - start)
+    return best
+
+
+def _camel(name: str) -> str:
+    """`rate_limits` → `rateLimits`, so `configure()` takes Python-style or API-style names."""
+    return re.sub(r"_([a-z])", lambda match: match.group(1).upper(), name)
+
+
+class EmulatorControl:
+    """Drives both emulators over HTTP with one aiohttp session: `async with EmulatorControl(...) as ctl`.
+
+    `mde_url` is the MDE base (`http://127.0.0.1:P`), `identity_base_url` the identity server's base
+    (`http://127.0.0.1:Q`, without `/msi/token`).
+    """
+
+    def __init__(self, mde_url: str, identity_base_url: str) -> None:
+        self.mde_url = mde_url.rstrip("/")
+        self.identity_base_url = identity_base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EmulatorControl:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, url: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        if self._session is None:
+            raise RuntimeError("use EmulatorControl as `async with EmulatorControl(...) as ctl`")
+        async with self._session.request(method, url, json=body) as response:
+            if missing_ok and response.status == 404:
+                return None
+            if response.status >= 400:
+                text = await response.text()
+                raise EmulatorControlError(f"{method} {url} -> {response.status}: {text}")
+            return await response.json()
+
+    # MDE emulator.
+
+    async def reset(self) -> None:
+        """Reset the MDE emulator (calls, faults, alerts, windows, config) and the identity requests.
+
+        Issued tokens stay valid (see `identity_reset` to revoke them too).
+        """
+        await self._call("POST", f"{self.mde_url}/_emulator/reset")
+        await self.identity_reset()
+
+    async def calls(self) -> list[dict[str, Any]]:
+        body = await self._call("GET", f"{self.mde_url}/_emulator/calls")
+        return cast(list[dict[str, Any]], body["calls"])
+
+    async def add_faults(self, faults: list[dict[str, Any]]) -> int:
+        """Append to the fault FIFO; returns how many faults are now pending."""
+        body = await self._call("POST", f"{self.mde_url}/_emulator/faults", faults)
+        return int(body["pending"])
+
+    async def pending_faults(self) -> list[dict[str, Any]]:
+        """Scripted faults not consumed yet (a call refused before admission does not consume one)."""
+        body = await self._call("GET", f"{self.mde_url}/_emulator/faults")
+        return cast(list[dict[str, Any]], body["faults"])
+
+    async def configure(self, **fields: Any) -> dict[str, Any]:
+        """Change MDE settings (`rate_limits="3/1"` or `rateLimits="3/1"`, ...); returns the new config."""
+        payload = {_camel(name): value for name, value in fields.items()}
+        body = await self._call("POST", f"{self.mde_url}/_emulator/config", payload)
+        return cast(dict[str, Any], body["config"])
+
+    async def alert(self, alert_id: str) -> dict[str, Any] | None:
+        """The alert's emulated state, or None if no call ever updated it."""
+        url = f"{self.mde_url}/_emulator/alerts/{quote(alert_id, safe='')}"
+        return cast(dict[str, Any] | None, await self._call("GET", url, missing_ok=True))
+
+    async def alerts(self) -> dict[str, dict[str, Any]]:
+        body = await self._call("GET", f"{self.mde_url}/_emulator/alerts")
+        return cast(dict[str, dict[str, Any]], body["alerts"])
+
+    # Identity endpoint.
+
+    async def token_requests(self) -> list[dict[str, Any]]:
+        body = await self._call("GET", f"{self.identity_base_url}/_emulator/requests")
+        return cast(list[dict[str, Any]], body["requests"])
+
+    async def identity_reset(self, revoke_tokens: bool = False) -> None:
+        await self._call("POST", f"{self.identity_base_url}/_emulator/reset", {"revokeTokens": revoke_tokens})
+
+    async def identity_config(self, token_lifetime_seconds: int | None = None) -> dict[str, Any]:
+        payload = {} if token_lifetime_seconds is None else {"tokenLifetimeSeconds": token_lifetime_seconds}
+        body = await self._call("POST", f"{self.identity_base_url}/_emulator/config", payload)
+        return cast(dict[str, Any], body["config"])
+
+    async def revoke_tokens(self, tokens: list[str] | None = None) -> int:
+        """Make every token issued so far invalid, or only `tokens`; returns how many were live.
+
+        Revoking everything in the session-wide emulator also hits tokens that app hosts started by
+        other tests have cached; pass `tokens` unless the test owns its emulator process.
+        """
+        payload = None if tokens is None else {"tokens": tokens}
+        body = await self._call("POST", f"{self.identity_base_url}/_emulator/revoke", payload)
+        return int(body["revoked"])

@@ -1,0 +1,699 @@
+"""A Defender for Endpoint `POST /api/alerts/batchUpdate` emulator that is strict where MDE is documented.
+
+alertgate cannot reach Microsoft in tests or in the local run, so this emulator is its counterpart. It
+obeys DEFENDER_FACTS.md §1-4: bearer tokens from the identity emulator for an accepted audience,
+case-sensitive body names (a wrongly cased name is ignored and reported in the call record), exact-case
+enum values, `MaximumBatchSizeExceeded`, sliding-window rate limits answered with 429 + `Retry-After`,
+200 with an empty body on success, and `{"error": {"code", "message", "target"}}` on every error.
+
+Where MDE's behaviour is *not* documented the emulator picks one behaviour and says so:
+- A call refused with 429 by the rate limiter is not counted in the windows (how MDE counts rejected
+  calls is undocumented). Calls refused with 401 are never counted either (they cannot be attributed to
+  an app). Every other call that reaches the limiter counts, whatever it is answered afterwards.
+- If any id of a call is configured as unknown, the whole call fails with 404 and nothing is applied
+  (MDE's partial-failure behaviour is undocumented; the single-alert PATCH answers 404).
+- JSON `null` for an optional property is treated as leaving the property out.
+
+Every call is recorded (see `CallRecord`) so tests can assert exactly-once delivery and that the app
+kept under the limits (`emulators.control.max_calls_in_any_window`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import math
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aiohttp import web
+
+from emulators.identity import (
+    LOG_DETAIL,
+    TokenRegistry,
+    TokenRejected,
+    bad_request,
+    error_body,
+    read_json_object,
+)
+
+BATCH_UPDATE_SUFFIX = "/api/alerts/batchUpdate"
+DEFAULT_AUDIENCE = "https://api.securitycenter.microsoft.com"
+DEFAULT_RATE_LIMITS = "10/60,500/3600"
+DEFAULT_MAX_BATCH = 500
+
+KNOWN_FIELDS = ("alertIds", "status", "assignedTo", "classification", "determination", "comment")
+STATUSES = ("New", "InProgress", "Resolved")
+CLASSIFICATIONS = ("Unknown", "FalsePositive", "TruePositive", "InformationalExpectedActivity")
+DETERMINATIONS = (
+    "MultiStagedAttack",
+    "MaliciousUserActivity",
+    "CompromisedUser",
+    "Malware",
+    "Phishing",
+    "UnwantedSoftware",
+    "Other",
+    "SecurityTesting",
+    "LineOfBusinessApplication",
+    "ConfirmedActivity",
+    "NotMalicious",
+    "InsufficientData",
+)
+
+DEFAULT_FAULT_CODES = {
+    400: "InvalidInput",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+DEFAULT_FAULT_MESSAGES = {
+    403: "Missing application roles. API required roles: Alert.ReadWrite.All",
+    429: "Rate limit is exceeded. Try again later.",
+}
+FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset"})
+
+
+class ApiError(Exception):
+    """An answer other than 200: raised anywhere in the pipeline, turned into the error body once."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+# --- rate limits -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `calls` admitted calls in any `seconds`-long stretch of time."""
+
+    calls: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.calls}/{self.seconds:g}"
+
+
+def parse_rate_limits(text: str) -> tuple[RateLimit, ...]:
+    """`"10/60,500/3600"` → limits; decimals allowed (`"5/2.5"`); an empty string means no limit."""
+    limits: list[RateLimit] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        calls_text, sep, seconds_text = part.partition("/")
+        try:
+            calls, seconds = int(calls_text), float(seconds_text)
+        except ValueError:
+            calls, seconds = 0, 0.0
+        if not sep or calls < 1 or not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(f"bad rate limit {part!r}: expected CALLS/SECONDS, e.g. 10/60")
+        limits.append(RateLimit(calls, seconds))
+    return tuple(limits)
+
+
+def format_rate_limits(limits: tuple[RateLimit, ...]) -> str:
+    return ",".join(str(limit) for limit in limits)
+
+
+class SlidingWindowLimiter:
+    """Exact sliding windows over one log of admitted call times (monotonic seconds).
+
+    One log serves every window, so changing the limits at run time keeps the history that matters.
+    A call at `now` is admitted only if, for every limit, fewer than `calls` admitted calls lie in
+    `(now - seconds, now]`; hence no half-open interval of length `seconds` ever holds more than `calls`.
+    """
+
+    def __init__(self, limits: tuple[RateLimit, ...]) -> None:
+        self.limits = limits
+        self._times: list[float] = []
+
+    def try_admit(self, now: float) -> float | None:
+        """Admit and log the call (None), or return how many seconds until it would be admitted."""
+        waits = [wait for limit in self.limits if (wait := self._wait(limit, now)) is not None]
+        if waits:
+            return max(waits)
+        self._times.append(now)
+        self._prune(now)
+        return None
+
+    def _wait(self, limit: RateLimit, now: float) -> float | None:
+        first_inside = bisect.bisect_right(self._times, now - limit.seconds)
+        inside = len(self._times) - first_inside
+        if inside < limit.calls:
+            return None
+        # The call fits once the `calls`-th newest admitted call has left the window.
+        blocking = self._times[len(self._times) - limit.calls]
+        return blocking + limit.seconds - now
+
+    def _prune(self, now: float) -> None:
+        longest = max((limit.seconds for limit in self.limits), default=0.0)
+        keep_from = bisect.bisect_right(self._times, now - longest)
+        if keep_from:
+            del self._times[:keep_from]
+
+
+def retry_after_header(wait_seconds: float) -> str:
+    """Whole seconds, rounded up and at least 1, so a client that waits exactly this long gets in."""
+    return str(max(1, math.ceil(wait_seconds)))
+
+
+# --- configuration and faults ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MdeConfig:
+    """What `POST /_emulator/config` may change; `reset` restores the command-line values."""
+
+    rate_limits: tuple[RateLimit, ...] = field(default_factory=lambda: parse_rate_limits(DEFAULT_RATE_LIMITS))
+    max_batch: int = DEFAULT_MAX_BATCH
+    unknown_ids: frozenset[str] = frozenset()
+    accepted_audiences: frozenset[str] = frozenset({DEFAULT_AUDIENCE})
+    extra_determinations: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rateLimits": format_rate_limits(self.rate_limits),
+            "maxBatch": self.max_batch,
+            "unknownIds": sorted(self.unknown_ids),
+            "acceptedAudiences": sorted(self.accepted_audiences),
+            "extraDeterminations": sorted(self.extra_determinations),
+        }
+
+    def updated(self, fields: Mapping[str, Any]) -> MdeConfig:
+        """A copy with the given JSON fields applied; ValueError names the first bad field."""
+        unknown = sorted(set(fields) - set(_CONFIG_PARSERS))
+        if unknown:
+            raise ValueError(f"Unknown config field(s): {', '.join(unknown)}.")
+        changes = {_CONFIG_ATTRS[name]: _CONFIG_PARSERS[name](value) for name, value in fields.items()}
+        return replace(self, **changes)
+
+
+def _parse_limits_field(value: Any) -> tuple[RateLimit, ...]:
+    if not isinstance(value, str):
+        raise ValueError("rateLimits must be a string like '10/60,500/3600' ('' for none).")
+    return parse_rate_limits(value)
+
+
+def _parse_max_batch(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("maxBatch must be a positive integer.")
+    return value
+
+
+def _parse_string_set(name: str) -> Callable[[Any], frozenset[str]]:
+    def parse(value: Any) -> frozenset[str]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{name} must be a list of strings.")
+        return frozenset(value)
+
+    return parse
+
+
+_CONFIG_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "rateLimits": _parse_limits_field,
+    "maxBatch": _parse_max_batch,
+    "unknownIds": _parse_string_set("unknownIds"),
+    "acceptedAudiences": _parse_string_set("acceptedAudiences"),
+    "extraDeterminations": _parse_string_set("extraDeterminations"),
+}
+_CONFIG_ATTRS = {
+    "rateLimits": "rate_limits",
+    "maxBatch": "max_batch",
+    "unknownIds": "unknown_ids",
+    "acceptedAudiences": "accepted_audiences",
+    "extraDeterminations": "extra_determinations",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted misbehaviour, consumed by the next admitted call (see README: fault injection).
+
+    `delay_seconds` is slept first. Then `status` answers that error; `reset` aborts the connection
+    (after processing the update if `apply`); otherwise the call is processed normally (`apply`, the
+    default for a pure delay) or answered 200 without touching any alert (`apply: false`).
+    """
+
+    raw: dict[str, Any]
+    status: int | None = None
+    code: str | None = None
+    message: str | None = None
+    retry_after: float | None = None
+    delay_seconds: float = 0.0
+    reset: bool = False
+    apply: bool = True
+
+
+def parse_fault(raw: Any) -> Fault:
+    """Validate one fault object up front, so a typo fails the test that scripted it, not a later one."""
+    if not isinstance(raw, dict):
+        raise ValueError("Each fault must be a JSON object.")
+    unknown = sorted(set(raw) - FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown fault field(s): {', '.join(unknown)}.")
+    status, reset = raw.get("status"), raw.get("reset", False)
+    if status is None and not reset and "delaySeconds" not in raw:
+        raise ValueError("A fault needs 'status', 'reset' or 'delaySeconds'.")
+    if status is not None and reset:
+        raise ValueError("A fault cannot have both 'status' and 'reset'.")
+    if status is not None and "apply" in raw:
+        raise ValueError("'apply' makes no sense with 'status': an error answer never applies the update.")
+    return Fault(
+        raw=dict(raw),
+        status=_fault_status(status),
+        code=_optional_str(raw, "code"),
+        message=_optional_str(raw, "message"),
+        retry_after=_optional_seconds(raw, "retryAfter"),
+        delay_seconds=_optional_seconds(raw, "delaySeconds") or 0.0,
+        reset=_bool(raw, "reset", False),
+        apply=_bool(raw, "apply", not reset),
+    )
+
+
+def _fault_status(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
+        raise ValueError("A fault 'status' must be an integer from 400 to 599.")
+    return value
+
+
+def _optional_str(raw: Mapping[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"A fault '{key}' must be a string.")
+    return value
+
+
+def _optional_seconds(raw: Mapping[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
+        raise ValueError(f"A fault '{key}' must be a number of seconds from 0 to 3600.")
+    return float(value)
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"A fault '{key}' must be a boolean.")
+    return value
+
+
+def fault_error(fault: Fault) -> ApiError:
+    """The error answer a status fault scripts, with sensible default codes and messages."""
+    assert fault.status is not None
+    status = fault.status
+    code = fault.code or DEFAULT_FAULT_CODES.get(
+        status, "BadRequest" if status < 500 else "InternalServerError"
+    )
+    message = fault.message or DEFAULT_FAULT_MESSAGES.get(status, f"Scripted fault: HTTP {status}.")
+    retry_after = fault.retry_after if fault.retry_after is not None else (1.0 if status == 429 else None)
+    headers = {} if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+    return ApiError(status, code, message, headers)
+
+
+# --- calls and alerts --------------------------------------------------------------------------------
+
+
+@dataclass
+class CallRecord:
+    """Everything a test may want to know about one call, including what it was answered.
+
+    `time` is `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so
+    it compares with the test process's own monotonic clock. `status` stays None until answered (a
+    delayed call in flight) and for a call whose connection was reset (`aborted`).
+    """
+
+    seq: int
+    time: float
+    wall_time: float
+    method: str
+    path: str
+    authorization: str | None
+    content_type: str | None
+    body: str
+    json: Any
+    ignored_keys: list[str]
+    admitted: bool = False
+    client_id: str | None = None
+    fault: dict[str, Any] | None = None
+    status: int | None = None
+    error_code: str | None = None
+    aborted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "wallTime": self.wall_time,
+            "method": self.method,
+            "path": self.path,
+            "authorization": self.authorization,
+            "contentType": self.content_type,
+            "body": self.body,
+            "json": self.json,
+            "ignoredKeys": self.ignored_keys,
+            "admitted": self.admitted,
+            "clientId": self.client_id,
+            "fault": self.fault,
+            "status": self.status,
+            "errorCode": self.error_code,
+            "aborted": self.aborted,
+        }
+
+
+@dataclass
+class AlertState:
+    """An alert as far as batchUpdate can change it; comments accumulate, as in MDE (FACTS §5)."""
+
+    id: str
+    status: str | None = None
+    classification: str | None = None
+    determination: str | None = None
+    assigned_to: str | None = None
+    comments: list[str] = field(default_factory=list)
+    update_seqs: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "classification": self.classification,
+            "determination": self.determination,
+            "assignedTo": self.assigned_to,
+            "comments": self.comments,
+            "updateSeqs": self.update_seqs,
+        }
+
+
+@dataclass(frozen=True)
+class Update:
+    """A validated batchUpdate body: which alerts, and the properties it sets (None = left out)."""
+
+    alert_ids: list[str]
+    status: str | None
+    classification: str | None
+    determination: str | None
+    assigned_to: str | None
+    comment: str | None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _ignored_keys(parsed: Any) -> list[str]:
+    if not isinstance(parsed, dict):
+        return []
+    return [key for key in parsed if key not in KNOWN_FIELDS]
+
+
+def _body_object(record: CallRecord) -> dict[str, Any]:
+    if not (record.content_type or "").lower().startswith("application/json"):
+        raise ApiError(400, "InvalidRequestBody", "Content-Type must be application/json.")
+    if not isinstance(record.json, dict):
+        raise ApiError(400, "InvalidRequestBody", "The request body must be a JSON object.")
+    return record.json
+
+
+def _alert_ids(body: Mapping[str, Any], max_batch: int) -> list[str]:
+    ids = body.get("alertIds")
+    if ids is None or ids == []:
+        raise ApiError(400, "MissingRequiredParameter", "Missing required parameter: alertIds.")
+    if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+        raise ApiError(400, "InvalidInput", "alertIds must be a list of strings.")
+    if len(ids) > max_batch:
+        message = f"Maximum batch size exceeded. Received: {len(ids)}, allowed: {max_batch}"
+        raise ApiError(400, "MaximumBatchSizeExceeded", message)
+    return ids
+
+
+def _enum_field(body: Mapping[str, Any], name: str, allowed: tuple[str, ...] | frozenset[str]) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in allowed:
+        shown = ", ".join(sorted(allowed))
+        raise ApiError(400, "InvalidInput", f"Invalid value {value!r} for '{name}'. Allowed values: {shown}.")
+    return value
+
+
+def _text_field(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, "InvalidInput", f"'{name}' must be a string.")
+    return value
+
+
+def validate_update(record: CallRecord, config: MdeConfig) -> Update:
+    """Steps 5-9 of the brief, in order; raises the first ApiError that applies."""
+    body = _body_object(record)
+    ids = _alert_ids(body, config.max_batch)
+    update = Update(
+        alert_ids=ids,
+        status=_enum_field(body, "status", STATUSES),
+        classification=_enum_field(body, "classification", CLASSIFICATIONS),
+        determination=_enum_field(
+            body, "determination", frozenset(DETERMINATIONS) | config.extra_determinations
+        ),
+        assigned_to=_text_field(body, "assignedTo"),
+        comment=_text_field(body, "comment"),
+    )
+    unknown = [alert_id for alert_id in ids if alert_id in config.unknown_ids]
+    if unknown:
+        raise ApiError(404, "NotFound", f"Alert(s) not found: {', '.join(unknown)}. Nothing was updated.")
+    return update
+
+
+# --- the emulator ------------------------------------------------------------------------------------
+
+
+class MdeEmulator:
+    """State and handlers of the MDE emulator; one instance per process, used from one event loop only.
+
+    Handlers never await between a check and the state change it guards, so no locks are needed.
+    """
+
+    def __init__(self, registry: TokenRegistry, defaults: MdeConfig) -> None:
+        self.registry = registry
+        self._defaults = defaults
+        self._clear()
+
+    def _clear(self) -> None:
+        # Fresh containers (not .clear()) so a call still sleeping in a delay fault cannot touch them.
+        self.config = self._defaults
+        self.calls: list[CallRecord] = []
+        self.faults: deque[Fault] = deque()
+        self.alerts: dict[str, AlertState] = {}
+        self.limiter = SlidingWindowLimiter(self.config.rate_limits)
+        self._seq = 0
+
+    def app(self) -> web.Application:
+        """Control routes first (matched in order), then every other request goes to `handle`."""
+        app = web.Application()
+        app.router.add_post("/_emulator/reset", self.reset)
+        app.router.add_get("/_emulator/calls", self.get_calls)
+        app.router.add_get("/_emulator/faults", self.get_faults)
+        app.router.add_post("/_emulator/faults", self.add_faults)
+        app.router.add_get("/_emulator/config", self.get_config)
+        app.router.add_post("/_emulator/config", self.set_config)
+        app.router.add_get("/_emulator/alerts", self.get_alerts)
+        app.router.add_get("/_emulator/alerts/{alert_id}", self.get_alert)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    # The emulated API.
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Record, then answer: wrong route, 401, 429, scripted fault, validation error or 200."""
+        text = (await request.read()).decode("utf-8", errors="replace")
+        record = self._record(request, text)
+        try:
+            self._check_route(request)
+            self._authenticate(request, record)
+            self._admit(record)
+            if self.faults:
+                return await self._run_fault(request, record, self.faults.popleft())
+            self._apply(validate_update(record, self.config), record)
+        except ApiError as err:
+            return self._answer_error(request, record, err)
+        return self._answer_ok(request, record)
+
+    def _record(self, request: web.Request, text: str) -> CallRecord:
+        self._seq += 1
+        parsed = _parse_json(text)
+        record = CallRecord(
+            seq=self._seq,
+            time=time.monotonic(),
+            wall_time=time.time(),
+            method=request.method,
+            path=request.path,
+            authorization=request.headers.get("Authorization"),
+            content_type=request.headers.get("Content-Type"),
+            body=text,
+            json=parsed,
+            ignored_keys=_ignored_keys(parsed),
+        )
+        self.calls.append(record)
+        return record
+
+    def _check_route(self, request: web.Request) -> None:
+        if not request.path.endswith(BATCH_UPDATE_SUFFIX):
+            raise ApiError(404, "ResourceNotFound", f"No emulated route for {request.path}.")
+        if request.method != "POST":
+            raise ApiError(405, "BadRequest", f"{request.method} is not allowed on {request.path}; use POST.")
+
+    def _authenticate(self, request: web.Request, record: CallRecord) -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("The Authorization header must be 'Bearer <token>'.")
+        try:
+            issued = self.registry.validate(token.strip(), self.config.accepted_audiences, time.time())
+        except TokenRejected as exc:
+            raise _unauthorized(str(exc)) from exc
+        record.client_id = issued.client_id
+
+    def _admit(self, record: CallRecord) -> None:
+        wait = self.limiter.try_admit(record.time)
+        if wait is not None:
+            seconds = retry_after_header(wait)
+            message = f"Rate limit is exceeded. Try again in {seconds} seconds."
+            raise ApiError(429, "TooManyRequests", message, {"Retry-After": seconds})
+        record.admitted = True
+
+    async def _run_fault(self, request: web.Request, record: CallRecord, fault: Fault) -> web.StreamResponse:
+        record.fault = fault.raw
+        calls_before_sleep = self.calls
+        if fault.delay_seconds:
+            await asyncio.sleep(fault.delay_seconds)
+        if self.calls is not calls_before_sleep:
+            return self._abort(request, record)  # reset while sleeping: this call belongs to the past
+        if fault.status is not None:
+            raise fault_error(fault)
+        if fault.reset:
+            if fault.apply:
+                self._apply_quietly(record)
+            return self._abort(request, record)
+        if fault.apply:
+            self._apply(validate_update(record, self.config), record)
+        return self._answer_ok(request, record)
+
+    def _apply_quietly(self, record: CallRecord) -> None:
+        """Apply before a reset fault; a validation error is noted in the record but never answered."""
+        try:
+            self._apply(validate_update(record, self.config), record)
+        except ApiError as err:
+            record.error_code = err.code
+
+    def _apply(self, update: Update, record: CallRecord) -> None:
+        for alert_id in update.alert_ids:
+            alert = self.alerts.setdefault(alert_id, AlertState(id=alert_id))
+            alert.status = update.status or alert.status
+            alert.classification = update.classification or alert.classification
+            alert.determination = update.determination or alert.determination
+            alert.assigned_to = update.assigned_to if update.assigned_to is not None else alert.assigned_to
+            if update.comment is not None:
+                alert.comments.append(update.comment)
+            alert.update_seqs.append(record.seq)
+
+    def _answer_ok(self, request: web.Request, record: CallRecord) -> web.Response:
+        record.status = 200
+        request[LOG_DETAIL] = _log_detail(record)
+        return web.Response(status=200)
+
+    def _answer_error(self, request: web.Request, record: CallRecord, err: ApiError) -> web.Response:
+        record.status, record.error_code = err.status, err.code
+        request[LOG_DETAIL] = _log_detail(record)
+        return web.json_response(error_body(err.code, err.message), status=err.status, headers=err.headers)
+
+    def _abort(self, request: web.Request, record: CallRecord) -> web.Response:
+        """Drop the TCP connection with a RST and no HTTP answer (the client sees ECONNRESET)."""
+        record.aborted = True
+        request[LOG_DETAIL] = _log_detail(record)
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return web.Response(status=200)  # never sent: the transport is gone
+
+    # The control API.
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self._clear()
+        return web.json_response({"reset": True, "config": self.config.to_json()})
+
+    async def get_calls(self, request: web.Request) -> web.Response:
+        return web.json_response({"calls": [record.to_json() for record in self.calls]})
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response({"faults": [fault.raw for fault in self.faults]})
+
+    async def add_faults(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.text())
+            if not isinstance(body, list):
+                raise ValueError("The body must be a JSON list of fault objects.")
+            faults = [parse_fault(item) for item in body]
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise bad_request(str(exc)) from exc
+        self.faults.extend(faults)
+        return web.json_response({"pending": len(self.faults)})
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response({"config": self.config.to_json()})
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        try:
+            self.config = self.config.updated(await read_json_object(request))
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+        self.limiter.limits = self.config.rate_limits
+        return web.json_response({"config": self.config.to_json()})
+
+    async def get_alerts(self, request: web.Request) -> web.Response:
+        return web.json_response({"alerts": {key: alert.to_json() for key, alert in self.alerts.items()}})
+
+    async def get_alert(self, request: web.Request) -> web.Response:
+        alert = self.alerts.get(request.match_info["alert_id"])
+        if alert is None:
+            return web.json_response(error_body("NotFound", "This alert was never updated."), status=404)
+        return web.json_response(alert.to_json())
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "Unauthorized", message, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def _log_detail(record: CallRecord) -> str:
+    ids = record.json.get("alertIds") if isinstance(record.json, dict) else None
+    count = len(ids) if isinstance(ids, list) else 0
+    outcome = "aborted" if record.aborted else (record.error_code or "ok")
+    fault = " fault" if record.fault is not None else ""
+    return f"seq={record.seq} ids={count} {outcome}{fault}"

@@ -1,0 +1,581 @@
+"""The MDE batchUpdate emulator, over real sockets: token check, body rules, faults, sliding windows.
+
+Every test starts from a reset emulator (the `ctl`/`mde` fixtures) because the process is shared by the
+whole test session. Timing-based tests check their own timing preconditions on the server's recorded
+clocks, so a slow machine fails them loudly instead of letting them pass for the wrong reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devhost.services import Service, start_emulators
+from emulators.control import EmulatorControl, max_calls_in_any_window
+from emulators.mde import SlidingWindowLimiter, parse_rate_limits
+from tests.emulators.conftest import DOCUMENTED_EXAMPLE, MDE_RESOURCE, MdeApi, fetch_token, wait_until
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+ID_A = "da637551227677560813_-961444813"
+ID_B = "121688558380765161_2136280442"
+
+
+async def statuses(mde: MdeApi, count: int, body: dict[str, Any] | None = None) -> list[int]:
+    return [(await mde.update(body or {"alertIds": [ID_A]})).status for _ in range(count)]
+
+
+async def sleep_until_wall(target: float) -> None:
+    await asyncio.sleep(max(0.0, target - time.time()))
+
+
+# --- tokens ------------------------------------------------------------------------------------------
+
+
+async def test_valid_token_is_accepted_and_recorded(mde: MdeApi, ctl: EmulatorControl) -> None:
+    answer = await mde.update({"alertIds": [ID_A], "status": "InProgress"})
+
+    assert answer.status == 200
+    [call] = await ctl.calls()
+    assert call["authorization"] == f"Bearer {mde.token}"
+    assert call["contentType"] == "application/json"
+    assert call["admitted"] is True
+    assert (call["status"], call["errorCode"]) == (200, None)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer", "Basic dXNlcjpwYXNz", "Bearer not-a-token-we-issued"],
+    ids=["missing", "empty-bearer", "basic", "unknown-token"],
+)
+async def test_missing_or_invalid_token_is_401(
+    mde: MdeApi, ctl: EmulatorControl, authorization: str | None
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+
+    answer = await mde.update(DOCUMENTED_EXAMPLE, headers=headers)
+
+    assert answer.status == 401
+    error = answer.error()
+    assert error["code"] == "Unauthorized"
+    assert UUID.match(error["target"])
+    assert await ctl.alerts() == {}
+    [call] = await ctl.calls()
+    assert (call["status"], call["errorCode"], call["admitted"]) == (401, "Unauthorized", False)
+
+
+async def test_revoked_token_is_401_and_a_fresh_one_works(
+    mde: MdeApi, ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+    assert await ctl.revoke_tokens([mde.token]) == 1  # only ours: the process serves the whole session
+
+    refused = await mde.update({"alertIds": [ID_A]})
+    assert refused.status == 401
+    assert "revoked" in refused.error()["message"]
+    mde.token = await fetch_token(http, emulators)
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+
+async def test_token_for_another_audience_is_401_unless_configured(
+    mde: MdeApi, ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    other = "https://api.security.microsoft.com"
+    mde.token = await fetch_token(http, emulators, resource=other)
+
+    refused = await mde.update({"alertIds": [ID_A]})
+    assert refused.status == 401
+    assert other in refused.error()["message"]
+
+    await ctl.configure(accepted_audiences=[other])
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+
+# --- body rules --------------------------------------------------------------------------------------
+
+
+async def test_documented_example_is_200_empty_and_applied(mde: MdeApi, ctl: EmulatorControl) -> None:
+    answer = await mde.update(DOCUMENTED_EXAMPLE)
+
+    assert answer.status == 200
+    assert answer.text == ""
+    assert "Content-Type" not in answer.headers
+    for alert_id in DOCUMENTED_EXAMPLE["alertIds"]:
+        alert = await ctl.alert(alert_id)
+        assert alert is not None
+        assert alert["status"] == "Resolved"
+        assert alert["assignedTo"] == "secop2@contoso.com"
+        assert alert["classification"] == "FalsePositive"
+        assert alert["determination"] == "Malware"
+        assert alert["comments"] == ["Resolve my alert and assign to secop2"]
+    assert await ctl.alert(ID_A) is None
+
+
+async def test_wrongly_cased_name_is_ignored_and_recorded(mde: MdeApi, ctl: EmulatorControl) -> None:
+    answer = await mde.update({"alertIds": [ID_A], "Status": "Resolved", "Comment": "x"})
+
+    assert answer.status == 200
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert alert["status"] is None
+    assert alert["comments"] == []
+    [call] = await ctl.calls()
+    assert call["ignoredKeys"] == ["Status", "Comment"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "Resolved"},
+        {"alertIds": [], "status": "Resolved"},
+        {"AlertIds": [ID_A], "status": "Resolved"},
+    ],
+    ids=["absent", "empty", "wrong-case"],
+)
+async def test_missing_alert_ids_is_missing_required_parameter(
+    mde: MdeApi, ctl: EmulatorControl, body: dict[str, Any]
+) -> None:
+    answer = await mde.update(body)
+
+    assert answer.status == 400
+    error = answer.error()
+    assert error["code"] == "MissingRequiredParameter"
+    assert "alertIds" in error["message"]
+    assert await ctl.alerts() == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("status", "resolved"),
+        ("status", "Closed"),
+        ("classification", "Informational, expected activity"),
+        ("classification", "falsePositive"),
+        ("determination", "Clean"),
+        ("determination", "Apt"),
+        ("determination", "malware"),
+        ("status", 3),
+        ("assignedTo", ["secop2@contoso.com"]),
+        ("comment", {"text": "x"}),
+    ],
+)
+async def test_bad_values_are_invalid_input(
+    mde: MdeApi, ctl: EmulatorControl, field: str, value: Any
+) -> None:
+    answer = await mde.update({"alertIds": [ID_A], "comment": "c", field: value})
+
+    assert answer.status == 400
+    error = answer.error()
+    assert error["code"] == "InvalidInput"
+    assert field in error["message"]
+    assert await ctl.alert(ID_A) is None
+
+
+@pytest.mark.parametrize("alert_ids", [ID_A, [ID_A, 7], [None]], ids=["string", "mixed", "null-item"])
+async def test_alert_ids_must_be_a_list_of_strings(mde: MdeApi, alert_ids: Any) -> None:
+    answer = await mde.update({"alertIds": alert_ids})
+
+    assert answer.status == 400
+    assert answer.error()["code"] == "InvalidInput"
+
+
+async def test_configured_extra_determination_is_accepted(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(extra_determinations=["Clean"])
+
+    answer = await mde.update({"alertIds": [ID_A], "determination": "Clean"})
+
+    assert answer.status == 200
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert alert["determination"] == "Clean"
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [('{"alertIds": ["x"]}', "text/plain"), ('["x"]', "application/json"), ("{not json", "application/json")],
+    ids=["text-plain", "json-list", "broken-json"],
+)
+async def test_non_json_object_body_is_invalid_request_body(
+    mde: MdeApi, ctl: EmulatorControl, data: str, content_type: str
+) -> None:
+    headers = {"Authorization": f"Bearer {mde.token}", "Content-Type": content_type}
+
+    answer = await mde.update(data=data, headers=headers)
+
+    assert answer.status == 400
+    assert answer.error()["code"] == "InvalidRequestBody"
+    [call] = await ctl.calls()
+    assert call["body"] == data  # the raw text is recorded whatever it is
+
+
+async def test_batch_size_limit_message_is_exact(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(max_batch=3)
+    ids = [f"da63739979405027358{i}_76070737{i}" for i in range(4)]
+
+    too_many = await mde.update({"alertIds": ids, "status": "Resolved"})
+    just_right = await mde.update({"alertIds": ids[:3], "status": "Resolved"})
+
+    assert too_many.status == 400
+    assert too_many.error()["code"] == "MaximumBatchSizeExceeded"
+    assert too_many.error()["message"] == "Maximum batch size exceeded. Received: 4, allowed: 3"
+    assert just_right.status == 200
+    assert await ctl.alert(ids[3]) is None
+
+
+async def test_default_batch_limit_is_500(mde: MdeApi) -> None:
+    answer = await mde.update({"alertIds": [f"id{i}" for i in range(501)]})
+
+    assert answer.status == 400
+    assert answer.error()["message"] == "Maximum batch size exceeded. Received: 501, allowed: 500"
+
+
+async def test_unknown_id_fails_the_whole_call(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(unknown_ids=[ID_B])
+
+    answer = await mde.update({"alertIds": [ID_A, ID_B], "status": "Resolved"})
+
+    assert answer.status == 404
+    assert answer.error()["code"] == "NotFound"
+    assert ID_B in answer.error()["message"]
+    assert await ctl.alerts() == {}
+
+
+async def test_comments_are_appended_and_left_out_properties_kept(mde: MdeApi, ctl: EmulatorControl) -> None:
+    first = {"alertIds": [ID_A], "status": "InProgress", "classification": "TruePositive", "comment": "one"}
+    await mde.update(first)
+    await mde.update({"alertIds": [ID_A], "status": "Resolved", "comment": "two"})
+    await mde.update({"alertIds": [ID_A], "assignedTo": "a@contoso.com"})
+
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert alert["comments"] == ["one", "two"]
+    assert (alert["status"], alert["classification"], alert["assignedTo"]) == (
+        "Resolved",
+        "TruePositive",
+        "a@contoso.com",
+    )
+    assert alert["updateSeqs"] == [1, 2, 3]
+
+
+# --- faults ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (500, "InternalServerError"),
+        (502, "BadGateway"),
+        (503, "ServiceUnavailable"),
+        (504, "GatewayTimeout"),
+        (400, "InvalidInput"),
+        (401, "Unauthorized"),
+        (403, "Forbidden"),
+        (404, "NotFound"),
+    ],
+)
+async def test_status_fault_answers_once_then_normal(
+    mde: MdeApi, ctl: EmulatorControl, status: int, code: str
+) -> None:
+    await ctl.add_faults([{"status": status}])
+
+    faulted = await mde.update(DOCUMENTED_EXAMPLE)
+    normal = await mde.update(DOCUMENTED_EXAMPLE)
+
+    assert faulted.status == status
+    assert faulted.error()["code"] == code
+    assert faulted.headers["Content-Type"].startswith("application/json")
+    assert normal.status == 200
+    calls = await ctl.calls()
+    assert calls[0]["fault"] == {"status": status}
+    alert = await ctl.alert(DOCUMENTED_EXAMPLE["alertIds"][0])
+    assert alert is not None
+    assert alert["updateSeqs"] == [2]  # the faulted call applied nothing
+
+
+async def test_forbidden_fault_has_missing_role_message(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 403}, {"status": 500, "code": "Custom", "message": "custom text"}])
+
+    forbidden = (await mde.update({"alertIds": [ID_A]})).error()
+    custom = (await mde.update({"alertIds": [ID_A]})).error()
+
+    assert forbidden["message"] == "Missing application roles. API required roles: Alert.ReadWrite.All"
+    assert (custom["code"], custom["message"]) == ("Custom", "custom text")
+
+
+async def test_429_fault_has_retry_after(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 429, "retryAfter": 7}, {"status": 429}])
+
+    first = await mde.update({"alertIds": [ID_A]})
+    second = await mde.update({"alertIds": [ID_A]})
+
+    assert (first.status, first.headers["Retry-After"], first.error()["code"]) == (
+        429,
+        "7",
+        "TooManyRequests",
+    )
+    assert (second.status, second.headers["Retry-After"]) == (429, "1")
+
+
+async def test_delay_fault_without_apply_answers_200_late_and_applies_nothing(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    await ctl.add_faults([{"delaySeconds": 0.6, "apply": False}])
+
+    with pytest.raises(TimeoutError):
+        await mde.update({"alertIds": [ID_A], "status": "Resolved"}, give_up_after=0.2)
+
+    async def answered() -> bool:
+        return bool((await ctl.calls())[0]["status"] == 200)
+
+    await wait_until(answered)
+    assert await ctl.alert(ID_A) is None
+
+
+async def test_delay_fault_with_apply_applies_after_the_client_gave_up(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    await ctl.add_faults([{"delaySeconds": 0.6, "apply": True}])
+
+    with pytest.raises(TimeoutError):
+        await mde.update({"alertIds": [ID_A], "status": "Resolved"}, give_up_after=0.2)
+    assert await ctl.alert(ID_A) is None  # not yet: still sleeping
+
+    async def applied() -> bool:
+        return await ctl.alert(ID_A) is not None
+
+    await wait_until(applied)
+
+
+async def test_delay_fault_a_patient_client_sees_the_normal_answer(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"delaySeconds": 0.3}])
+
+    started = time.monotonic()
+    answer = await mde.update({"alertIds": [ID_A], "status": "Bogus"})
+
+    assert time.monotonic() - started >= 0.3
+    assert answer.status == 400  # after the delay, normal processing (validation included)
+
+
+@pytest.mark.parametrize("apply", [False, True])
+async def test_reset_fault_drops_the_connection(mde: MdeApi, ctl: EmulatorControl, apply: bool) -> None:
+    await ctl.add_faults([{"reset": True, "apply": apply}])
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await mde.update({"alertIds": [ID_A], "status": "Resolved"})
+
+    [call] = await ctl.calls()
+    assert call["aborted"] is True
+    assert call["status"] is None
+    assert (await ctl.alert(ID_A) is not None) is apply
+    assert (await mde.update({"alertIds": [ID_B]})).status == 200  # the next call is served normally
+
+
+async def test_bad_fault_script_is_refused_whole(ctl: EmulatorControl) -> None:
+    with pytest.raises(Exception, match="Unknown fault field"):
+        await ctl.add_faults([{"status": 500}, {"stauts": 500}])
+    assert await ctl.pending_faults() == []
+
+
+async def test_faults_are_consumed_only_by_admitted_calls(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(rate_limits="2/30")
+    await ctl.add_faults([{"status": 503}])
+
+    unauthenticated = await mde.update({"alertIds": [ID_A]}, headers={"Content-Type": "application/json"})
+    faulted = await mde.update({"alertIds": [ID_A]})
+    normal = await mde.update({"alertIds": [ID_A]})
+    await ctl.add_faults([{"status": 500}])
+    limited = await mde.update({"alertIds": [ID_A]})
+
+    assert [a.status for a in (unauthenticated, faulted, normal, limited)] == [401, 503, 200, 429]
+    assert await ctl.pending_faults() == [{"status": 500}]  # the 429'd call did not consume it
+    assert [c["admitted"] for c in await ctl.calls()] == [False, True, True, False]
+
+
+# --- rate limits -------------------------------------------------------------------------------------
+
+
+async def test_limit_refuses_with_retry_after_then_admits_again(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(rate_limits="3/1")
+
+    assert await statuses(mde, 3) == [200, 200, 200]
+    refused = await mde.update({"alertIds": [ID_A]})
+    assert refused.status == 429
+    assert refused.error()["code"] == "TooManyRequests"
+    retry_after = int(refused.headers["Retry-After"])
+    assert retry_after >= 1
+
+    await asyncio.sleep(retry_after)
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+
+async def test_window_slides_across_fixed_window_boundaries(mde: MdeApi, ctl: EmulatorControl) -> None:
+    """3/1: a fixed window (aligned to wall seconds, or to the first call) would admit D and F.
+
+    Planned wall times, k a whole second: A k+.20; B, C k+.60; D k+1.10; E k+1.35; F k+1.45.
+    D crosses the wall-second boundary but A is still within 1 s: refused. E comes after A left:
+    admitted. F has B, C, E within 1 s: refused, although a window started at A would have reset.
+    """
+    await ctl.configure(rate_limits="3/1")
+    k = math.floor(time.time()) + 1
+    answers = []
+    for offset, count in [(0.20, 1), (0.60, 2), (1.10, 1), (1.35, 1), (1.45, 1)]:
+        await sleep_until_wall(k + offset)
+        answers += [await mde.update({"alertIds": [ID_A]}) for _ in range(count)]
+
+    calls = await ctl.calls()
+    wall = [c["wallTime"] for c in calls]
+    mono = [c["time"] for c in calls]
+    # Timing preconditions, measured by the server: if these fail the machine was too slow, not the code.
+    assert [math.floor(w) for w in wall[:4]] == [k, k, k, k + 1], wall
+    assert mono[3] - mono[0] < 1 <= mono[4] - mono[0], mono
+    assert mono[5] - mono[1] < 1, mono
+
+    assert [a.status for a in answers] == [200, 200, 200, 429, 200, 429]
+    assert answers[3].headers["Retry-After"] == "1"
+    admitted = [c["time"] for c in calls if c["admitted"]]
+    assert max_calls_in_any_window(admitted, 1.0) == 3
+
+
+async def test_refused_calls_do_not_count(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(rate_limits="2/1")
+    assert await statuses(mde, 2) == [200, 200]
+    await asyncio.sleep(0.5)
+    assert await statuses(mde, 1) == [429]
+    await asyncio.sleep(0.6)
+
+    assert await statuses(mde, 2) == [200, 200]  # the refused call would have blocked the second
+    times = [c["time"] for c in await ctl.calls()]
+    assert times[3] - times[2] < 1, times  # precondition: the refused call is within the window
+
+
+async def test_reset_restores_command_line_config(ctl: EmulatorControl, mde: MdeApi) -> None:
+    changed = await ctl.configure(rate_limits="1/5", max_batch=2, unknown_ids=["x"])
+    await mde.update({"alertIds": [ID_A], "comment": "c"})
+
+    await ctl.reset()
+
+    assert changed["maxBatch"] == 2
+    restored = await ctl.configure()
+    assert restored == {
+        "rateLimits": "10/60,500/3600",
+        "maxBatch": 500,
+        "unknownIds": [],
+        "acceptedAudiences": ["https://api.securitycenter.microsoft.com"],
+        "extraDeterminations": [],
+    }
+    assert await ctl.calls() == []
+    assert await ctl.alerts() == {}
+
+
+# --- pure helpers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("times", "window", "expected"),
+    [
+        ([], 1.0, 0),
+        ([5.0], 1.0, 1),
+        ([0.0, 1.0, 2.0], 1.0, 1),  # half-open: a call exactly one window later is outside
+        ([0.0, 0.5, 0.99, 1.0], 1.0, 3),
+        ([2.0, 0.1, 1.15, 0.2, 1.0], 1.0, 3),  # unsorted input
+        ([3.0, 3.0, 3.0], 0.001, 3),
+        ([0.0, 0.9, 1.8, 2.7], 1.0, 2),
+        ([float(i) for i in range(100)], 10.0, 10),
+    ],
+)
+def test_max_calls_in_any_window(times: list[float], window: float, expected: int) -> None:
+    assert max_calls_in_any_window(times, window) == expected
+
+
+def test_max_calls_in_any_window_rejects_empty_window() -> None:
+    with pytest.raises(ValueError):
+        max_calls_in_any_window([1.0], 0)
+
+
+def test_parse_rate_limits() -> None:
+    assert [(r.calls, r.seconds) for r in parse_rate_limits("10/60, 500/3600")] == [(10, 60.0), (500, 3600.0)]
+    assert [(r.calls, r.seconds) for r in parse_rate_limits("5/2.5")] == [(5, 2.5)]
+    assert parse_rate_limits("") == ()
+    for bad in ("10", "0/60", "10/0", "x/60", "10/-1", "10/inf"):
+        with pytest.raises(ValueError):
+            parse_rate_limits(bad)
+
+
+def test_limiter_is_sliding_not_fixed() -> None:
+    """Deterministic clock (binary-exact times, so no float rounding at the window edges)."""
+    limiter = SlidingWindowLimiter(parse_rate_limits("3/1"))
+    assert [limiter.try_admit(t) for t in (0.25, 0.5, 0.5)] == [None, None, None]
+    assert limiter.try_admit(1.125) == 0.125  # crossed a whole second, but 0.25 is inside until 1.25
+    assert limiter.try_admit(1.25) is None  # a call leaves exactly one window later
+    assert limiter.try_admit(1.375) == 0.125  # a window started at 0.25 would have reset; 0.5 x2 leave at 1.5
+    assert limiter.try_admit(1.5) is None
+
+
+def test_limiter_honours_every_window() -> None:
+    limiter = SlidingWindowLimiter(parse_rate_limits("2/1,3/10"))
+    assert [limiter.try_admit(t) for t in (0.0, 0.1)] == [None, None]
+    assert limiter.try_admit(0.5) == pytest.approx(0.5)  # short window full
+    assert limiter.try_admit(1.5) is None
+    assert limiter.try_admit(2.0) == pytest.approx(8.0)  # long window full until 0.0 + 10
+
+
+# --- a private process: command-line options, revoking everything, clean exit -------------------------
+
+OTHER_AUDIENCE = "https://api.security.microsoft.com"
+
+
+@pytest.fixture
+def private_emulators(tmp_path: Path) -> Iterator[Service]:
+    """An emulator process of its own, so revoking every token cannot disturb other tests' hosts."""
+    args = ["--rate-limits", "2/60", "--max-batch", "2", "--token-lifetime-seconds", "120"]
+    args += ["--audience", MDE_RESOURCE, "--audience", OTHER_AUDIENCE]
+    service = start_emulators(tmp_path, identity_header="private-secret", extra_args=args)
+    yield service
+    service.stop()
+
+
+async def test_command_line_options_revoke_all_and_clean_exit(
+    private_emulators: Service, http: aiohttp.ClientSession
+) -> None:
+    service = private_emulators
+    async with EmulatorControl(service.urls["mde"], service.urls["identity_base"]) as ctl:
+        assert await ctl.configure() == {
+            "rateLimits": "2/60",
+            "maxBatch": 2,
+            "unknownIds": [],
+            "acceptedAudiences": [OTHER_AUDIENCE, MDE_RESOURCE],
+            "extraDeterminations": [],
+        }
+        params = {"api-version": "2019-08-01", "resource": MDE_RESOURCE}
+        headers = {"X-IDENTITY-HEADER": "private-secret"}
+        async with http.get(service.urls["identity"], params=params, headers=headers) as response:
+            issued = await response.json()
+        assert abs(int(issued["expires_on"]) - (time.time() + 120)) <= 2
+        other = MdeApi(http, service.urls["mde"], await fetch_token(http, service, resource=OTHER_AUDIENCE))
+        api = MdeApi(http, service.urls["mde"], issued["access_token"])
+
+        assert (await other.update({"alertIds": [ID_A]})).status == 200  # second audience accepted
+        too_many = await api.update({"alertIds": [ID_A, ID_B, "x"]})
+        assert too_many.error()["message"] == "Maximum batch size exceeded. Received: 3, allowed: 2"
+
+        assert await ctl.revoke_tokens() == 2
+        assert (await api.update({"alertIds": [ID_A]})).status == 401
+        assert (await other.update({"alertIds": [ID_A]})).status == 401
+        api.token = await fetch_token(http, service)
+        await ctl.identity_reset(revoke_tokens=True)
+        assert "revoked" in (await api.update({"alertIds": [ID_A]})).error()["message"]
+
+    assert await asyncio.to_thread(service.stop) == 0
+    log = service.log_path.read_text().splitlines()
+    assert log[0] == f"EMULATORS READY mde={service.urls['mde']} identity={service.urls['identity']}"
+    assert sum(" mde POST /api/alerts/batchUpdate " in line for line in log) == 5
