@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devhost.services import Service, start_azurite, start_emulators
+from devhost.services import Service, local_app_env, start_azurite, start_devhost, start_emulators
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,49 @@ def emulators(log_dir: Path) -> Iterator[Service]:
     service = start_emulators(log_dir)
     yield service
     service.stop()
+
+
+class HostPool:
+    """Development hosts of the real app, one per distinct set of setting overrides, kept for the session.
+
+    Settings are read once per process (as in Azure), so a test that needs other settings gets its own
+    host; tests that need the same settings share one.
+    """
+
+    def __init__(self, log_dir: Path, azurite: Service, emulators: Service) -> None:
+        self._log_dir = log_dir
+        self._azurite = azurite
+        self._emulators = emulators
+        self._hosts: dict[tuple[tuple[str, str], ...], Service] = {}
+
+    def env(self, overrides: dict[str, str]) -> dict[str, str]:
+        return local_app_env(
+            connection_string=self._azurite.urls["connection_string"],
+            mde_url=self._emulators.urls["mde"],
+            identity_url=self._emulators.urls["identity"],
+            identity_header=self._emulators.urls["identity_header"],
+            overrides=overrides,
+        )
+
+    def get(self, **overrides: str) -> Service:
+        key = tuple(sorted(overrides.items()))
+        host = self._hosts.get(key)
+        if host is None or not host.alive():
+            name = "devhost-" + ("-".join(f"{k}" for k, _ in key) or "default")
+            host = start_devhost(self._log_dir, self.env(overrides), name=f"{name}-{len(self._hosts)}")
+            self._hosts[key] = host
+        return host
+
+    def url(self, path: str, **overrides: str) -> str:
+        return self.get(**overrides).urls["base"] + path
+
+    def stop_all(self) -> None:
+        for host in self._hosts.values():
+            host.stop()
+
+
+@pytest.fixture(scope="session")
+def hosts(log_dir: Path, azurite: Service, emulators: Service) -> Iterator[HostPool]:
+    pool = HostPool(log_dir, azurite, emulators)
+    yield pool
+    pool.stop_all()

@@ -47,7 +47,9 @@ def test_non_json_error_body_is_kept_short() -> None:
 
 
 def test_maximum_batch_size_reports_the_allowance() -> None:
-    result = classify(400, None, error("MaximumBatchSizeExceeded", "Maximum batch size exceeded. Received: 9, allowed: 4"))
+    result = classify(
+        400, None, error("MaximumBatchSizeExceeded", "Maximum batch size exceeded. Received: 9, allowed: 4")
+    )
     assert result.kind is CallKind.BATCH_TOO_LARGE and result.allowed_batch_size == 4
 
 

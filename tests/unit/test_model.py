@@ -70,14 +70,19 @@ def test_duplicate_ids_are_removed_in_order() -> None:
 
 
 def test_ids_of_every_documented_shape_are_accepted() -> None:
-    ids = ["da637551227677560813_-961444813", "ed637431102114129586_160070831", "121688558380765161_2136280442"]
+    ids = [
+        "da637551227677560813_-961444813",
+        "ed637431102114129586_160070831",
+        "121688558380765161_2136280442",
+    ]
     assert validate_batch_update({"alertIds": ids, "status": "New"}, RULES).alert_ids == tuple(ids)
 
 
 def test_every_broken_rule_is_reported_at_once() -> None:
     with pytest.raises(RequestRejected) as exc:
         validate_batch_update(
-            {"alertIds": ["nope", 7], "status": "Closed", "classification": "Bad", "comment": "", "x": 1}, RULES
+            {"alertIds": ["nope", 7], "status": "Closed", "classification": "Bad", "comment": "", "x": 1},
+            RULES,
         )
     assert exc.value.status == 400
     assert sorted(fields_of(exc)) == sorted(
@@ -143,7 +148,12 @@ def test_no_cross_check_between_classification_and_determination() -> None:
 def test_outbound_body_applies_enum_overrides() -> None:
     update = AlertUpdate(status="Resolved", determination="NotMalicious", comment="NotMalicious")
     body = outbound_body([ID1], update, {"NotMalicious": "Clean"})
-    assert body == {"alertIds": [ID1], "status": "Resolved", "determination": "Clean", "comment": "NotMalicious"}
+    assert body == {
+        "alertIds": [ID1],
+        "status": "Resolved",
+        "determination": "Clean",
+        "comment": "NotMalicious",
+    }
 
 
 def test_digest_ignores_id_order_but_not_values() -> None:
@@ -185,7 +195,10 @@ def test_bad_idempotency_keys(key: str) -> None:
 
 
 def test_good_idempotency_key() -> None:
-    assert validate_idempotency_key("8e03978e-40d5-43e8-bc93-6894a57f9324") == "8e03978e-40d5-43e8-bc93-6894a57f9324"
+    assert (
+        validate_idempotency_key("8e03978e-40d5-43e8-bc93-6894a57f9324")
+        == "8e03978e-40d5-43e8-bc93-6894a57f9324"
+    )
     assert validate_idempotency_key(None) is None
 
 

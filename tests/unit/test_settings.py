@@ -16,7 +16,11 @@ def test_defaults_match_the_design() -> None:
     assert s.batch_update_url == "https://api.security.microsoft.com/api/alerts/batchUpdate"
     assert s.defender_token_scope == "https://api.securitycenter.microsoft.com/.default"
     assert s.defender_rate_limits == (RateWindow(10, 60.0), RateWindow(500, 3600.0))
-    assert (s.defender_max_alerts_per_call, s.max_alerts_per_request, s.max_body_bytes) == (500, 10000, 1048576)
+    assert (s.defender_max_alerts_per_call, s.max_alerts_per_request, s.max_body_bytes) == (
+        500,
+        10000,
+        1048576,
+    )
     assert (s.idempotency_ttl_seconds, s.derived_key_ttl_seconds, s.sync_max_wait_seconds) == (86400, 600, 5)
     assert (s.requests_queue, s.chunks_queue, s.table_prefix, s.max_attempts) == (
         "alert-update-requests", "alert-update-chunks", "alertgate", 12,

@@ -1,0 +1,25 @@
+"""Fixtures for end-to-end tests: an HTTP client and a freshly reset emulator per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from devhost.services import Service
+from emulators.control import EmulatorControl
+
+
+@pytest.fixture
+async def ctl(emulators: Service) -> AsyncIterator[EmulatorControl]:
+    async with EmulatorControl(emulators.urls["mde"], emulators.urls["identity_base"]) as control:
+        await control.reset()
+        await control.identity_reset()
+        yield control
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
