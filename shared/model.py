@@ -206,10 +206,16 @@ def _bad_json(reason: str) -> RequestRejected:
 
 
 class _Errors:
+    """Collects broken rules, naming each field as the caller spelled it (`Status`, `AlertIDs[2]`)."""
+
     def __init__(self) -> None:
         self.items: list[FieldError] = []
+        self.given_as: dict[str, str] = {}
 
-    def add(self, field: str, message: str) -> None:
+    def add(self, field: str, message: str, *, literal: bool = False) -> None:
+        if not literal:
+            head, bracket, rest = field.partition("[")
+            field = self.given_as.get(head, head) + bracket + rest
         self.items.append(FieldError(field, message))
 
 
@@ -269,13 +275,17 @@ def _json_type(value: Any) -> str:
 def _match_field_names(document: dict[str, Any], errors: _Errors) -> dict[str, Any]:
     """Map each given name to MDE's spelling; unknown names and case-collisions are errors."""
     fields: dict[str, Any] = {}
-    given_as: dict[str, str] = {}
+    given_as = errors.given_as
     for key, value in document.items():
         name = _FIELD_BY_LOWER.get(key.lower())
         if name is None:
-            errors.add(key, f"is not a batchUpdate field (known fields: {', '.join(FIELD_ORDER)})")
+            errors.add(
+                key, f"is not a batchUpdate field (known fields: {', '.join(FIELD_ORDER)})", literal=True
+            )
         elif name in fields:
-            errors.add(key, f"repeats {given_as[name]!r}: field names are matched case-insensitively")
+            errors.add(
+                key, f"repeats {given_as[name]!r}: field names are matched case-insensitively", literal=True
+            )
         else:
             fields[name] = value
             given_as[name] = key
@@ -326,6 +336,17 @@ def _alert_id_problem(item: Any, pattern: re.Pattern[str]) -> str | None:
     return None
 
 
+def _given_string(fields: dict[str, Any], name: str, errors: _Errors) -> str | None:
+    """The field's value if it was given as a string; None if absent or (reported) of another type."""
+    if name not in fields:
+        return None
+    value = fields[name]
+    if not isinstance(value, str):
+        errors.add(name, f"must be a string, not {_json_type(value)} (leave the field out to keep its value)")
+        return None
+    return value
+
+
 def _enum_value(
     fields: dict[str, Any],
     name: str,
@@ -333,11 +354,8 @@ def _enum_value(
     aliases: Mapping[str, str],
     errors: _Errors,
 ) -> str | None:
-    if name not in fields:
-        return None
-    value = fields[name]
-    if not isinstance(value, str):
-        errors.add(name, f"must be a string, not {_json_type(value)} (leave the field out to keep its value)")
+    value = _given_string(fields, name, errors)
+    if value is None:
         return None
     lowered = value.lower()
     for canonical in values:
@@ -360,11 +378,8 @@ def _enum_value(
 def _text_value(
     fields: dict[str, Any], name: str, max_length: int, allowed_controls: frozenset[str], errors: _Errors
 ) -> str | None:
-    if name not in fields:
-        return None
-    value = fields[name]
-    if not isinstance(value, str):
-        errors.add(name, f"must be a string, not {_json_type(value)} (leave the field out to keep its value)")
+    value = _given_string(fields, name, errors)
+    if value is None:
         return None
     if not value:
         errors.add(name, "must not be empty (leave the field out to keep its value)")

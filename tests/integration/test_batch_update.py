@@ -15,18 +15,9 @@ import pytest
 
 from emulators.control import EmulatorControl
 from tests.conftest import HostPool
+from tests.examples import ID1, ID2, MICROSOFT_EXAMPLE
 
-ID1 = "da637399794050273582_760707377"
-ID2 = "da637399989469816469_51697947354"
 IDS = [f"da6373997940502735{i:02d}_{1000 + i}" for i in range(10)]
-MICROSOFT_EXAMPLE: dict[str, Any] = {
-    "alertIds": [ID1, ID2],
-    "status": "Resolved",
-    "assignedTo": "secop2@contoso.com",
-    "classification": "FalsePositive",
-    "determination": "Malware",
-    "comment": "Resolve my alert and assign to secop2",
-}
 JSON = {"Content-Type": "application/json"}
 MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
 

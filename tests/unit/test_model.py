@@ -18,19 +18,9 @@ from shared.model import (
     validate_idempotency_key,
 )
 from shared.settings import DEFAULT_ALERT_ID_PATTERN
+from tests.examples import ID1, ID2, MICROSOFT_EXAMPLE
 
 RULES = ValidationRules(re.compile(DEFAULT_ALERT_ID_PATTERN, re.ASCII), max_alerts_per_request=5)
-ID1 = "da637399794050273582_760707377"
-ID2 = "da637399989469816469_51697947354"
-
-MICROSOFT_EXAMPLE = {
-    "alertIds": [ID1, ID2],
-    "status": "Resolved",
-    "assignedTo": "secop2@contoso.com",
-    "classification": "FalsePositive",
-    "determination": "Malware",
-    "comment": "Resolve my alert and assign to secop2",
-}
 
 
 def fields_of(exc: pytest.ExceptionInfo[RequestRejected]) -> list[str]:
@@ -210,3 +200,9 @@ def test_error_list_is_capped_but_counts_everything() -> None:
     assert "150 more" in exc.value.errors[-1].message
     assert exc.value.detail.startswith("250 problem(s)")
     json.dumps([e.as_dict() for e in exc.value.errors])
+
+
+def test_fields_are_named_as_the_caller_spelled_them() -> None:
+    with pytest.raises(RequestRejected) as exc:
+        validate_batch_update({"AlertIDs": ["x"], "STATUS": "closed", "status": "New"}, RULES)
+    assert fields_of(exc) == ["status", "AlertIDs[0]", "STATUS"]
