@@ -1,23 +1,27 @@
-"""alertgate's Azure Functions entry point: bindings and HTTP translation only.
+"""alertgate's Azure Functions entry point: bindings and HTTP/queue translation only.
 
-Everything else lives in `shared/` as plain async Python (see shared/api.py). Settings are read and
-validated here at import, so a misconfigured app stops at start-up with a message naming each bad
-setting instead of failing on its first request.
+Everything else lives in `shared/` as plain async Python (shared/api.py, shared/inbound.py). Settings
+are read and validated here at import, so a misconfigured app stops at start-up with a message naming
+each bad setting; queue names and the sweep schedule come from them too.
 """
 
 from __future__ import annotations
 
+import logging
+
 import azure.functions as func
 
-from shared import api, runtime
+from shared import api, inbound, runtime
+from shared.http import ApiRequest, ApiResponse
 
-runtime.settings()  # fail fast: raises SettingsError naming every invalid setting
+SETTINGS = runtime.settings()  # fail fast: raises SettingsError naming every invalid setting
+log = logging.getLogger("alertgate")
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
-def _request(req: func.HttpRequest) -> api.ApiRequest:
-    return api.ApiRequest(
+def _request(req: func.HttpRequest) -> ApiRequest:
+    return ApiRequest(
         method=req.method,
         url=req.url,
         headers=dict(req.headers),
@@ -27,7 +31,7 @@ def _request(req: func.HttpRequest) -> api.ApiRequest:
     )
 
 
-def _response(res: api.ApiResponse) -> func.HttpResponse:
+def _response(res: ApiResponse) -> func.HttpResponse:
     return func.HttpResponse(body=res.body, status_code=res.status, headers=res.headers)
 
 
@@ -36,9 +40,66 @@ async def batch_update(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.batch_update, _request(req)))
 
 
+@app.route(route="operations/{operationId}", methods=["GET"])
+async def get_operation(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(await api.guarded(api.get_operation, _request(req)))
+
+
 @app.route(route="health", methods=["GET"])
 async def health(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.health, _request(req)))
+
+
+@app.queue_trigger(arg_name="msg", queue_name=SETTINGS.requests_queue, connection="AzureWebJobsStorage")
+async def inbound_request(msg: func.QueueMessage) -> None:
+    outcome = await inbound.handle_request_message(msg.id or "", msg.get_body(), msg.dequeue_count or 1)
+    log.info("inbound message %s: %s", msg.id, outcome)
+
+
+@app.queue_trigger(
+    arg_name="msg", queue_name=f"{SETTINGS.requests_queue}-poison", connection="AzureWebJobsStorage"
+)
+async def inbound_request_poison(msg: func.QueueMessage) -> None:
+    log.warning(
+        "inbound poison message %s: %s",
+        msg.id,
+        await inbound.handle_request_poison(msg.id or "", msg.get_body()),
+    )
+
+
+@app.queue_trigger(arg_name="msg", queue_name=SETTINGS.chunks_queue, connection="AzureWebJobsStorage")
+async def send_chunk(msg: func.QueueMessage) -> None:
+    outcome = await inbound.handle_chunk_message(msg.get_body())
+    log.info("chunk message %s: %s", msg.id, outcome)
+
+
+@app.queue_trigger(
+    arg_name="msg", queue_name=f"{SETTINGS.chunks_queue}-poison", connection="AzureWebJobsStorage"
+)
+async def chunk_poison(msg: func.QueueMessage) -> None:
+    log.warning("chunk poison message %s: %s", msg.id, await inbound.handle_chunk_poison(msg.get_body()))
+
+
+@app.timer_trigger(arg_name="timer", schedule=SETTINGS.sweep_schedule, run_on_startup=False)
+async def sweep(timer: func.TimerRequest) -> None:
+    rt = await runtime.ready()
+    counts = await rt.sender.sweep()
+    if any(counts.values()):
+        log.warning("sweep resolved %s", counts)
+
+
+@app.timer_trigger(arg_name="timer", schedule="0 17 3 * * *", run_on_startup=False)
+async def purge(timer: func.TimerRequest) -> None:
+    """Daily: expired idempotency keys, operations, results and journal entries."""
+    import time
+
+    rt = await runtime.ready()
+    now = time.time()
+    keys = await rt.keys.purge(now)
+    records = await rt.ledger.purge(
+        now - SETTINGS.idempotency_ttl_seconds, now - SETTINGS.derived_key_ttl_seconds
+    )
+    log.info("purge removed %d keys and %d ledger records", keys, records)
 
 
 async def shutdown() -> None:

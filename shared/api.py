@@ -8,92 +8,19 @@ logged with an incident id and answered as a problem naming that id, never as a 
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote, urlsplit
 
-from shared.errors import FieldError, RequestRejected
+from shared.errors import RequestRejected
+from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
 
 log = logging.getLogger(__name__)
 
-PROBLEM_BASE = (
-    "https://alertgate.invalid/problems/"  # stable identifiers, not pages to fetch (RFC 9457 §3.1.1)
-)
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    method: str
-    url: str
-    headers: Mapping[str, str]  # case-insensitive lookups are the caller's job: use header()
-    body: bytes = b""
-    query: Mapping[str, str] = field(default_factory=dict)
-    route_params: Mapping[str, str] = field(default_factory=dict)
-
-    def header(self, name: str) -> str | None:
-        lowered = name.lower()
-        for key, value in self.headers.items():
-            if key.lower() == lowered:
-                return value
-        return None
-
-
-@dataclass(frozen=True)
-class ApiResponse:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
-
-
-def json_response(status: int, document: Any, headers: dict[str, str] | None = None) -> ApiResponse:
-    body = json.dumps(document, ensure_ascii=False).encode("utf-8")
-    return ApiResponse(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
-
-
-def problem(
-    status: int,
-    kind: str,
-    title: str,
-    detail: str,
-    errors: list[FieldError] | None = None,
-    headers: dict[str, str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> ApiResponse:
-    document: dict[str, Any] = {
-        "type": PROBLEM_BASE + kind,
-        "title": title,
-        "status": status,
-        "detail": detail,
-    }
-    document["errors"] = [e.as_dict() for e in errors or []]
-    document.update(extra or {})
-    body = json.dumps(document, ensure_ascii=False).encode("utf-8")
-    return ApiResponse(
-        status, body, {"Content-Type": "application/problem+json; charset=utf-8", **(headers or {})}
-    )
-
-
-_KIND_BY_STATUS = {400: "invalid-request", 413: "body-too-large", 415: "unsupported-media-type"}
-
-
-def rejected(exc: RequestRejected) -> ApiResponse:
-    return problem(
-        exc.status, _KIND_BY_STATUS.get(exc.status, "invalid-request"), exc.title, exc.detail, exc.errors
-    )
-
-
-def retry_after_header(seconds: float | None, *, minimum: int = 1) -> dict[str, str]:
-    """Retry-After in whole seconds, rounded up so a caller never comes back too early."""
-    value = minimum if seconds is None else max(minimum, math.ceil(seconds))
-    return {"Retry-After": str(value)}
+HEALTH_CHECK_SECONDS = 5.0
 
 
 async def guarded(
@@ -111,9 +38,37 @@ async def guarded(
             500,
             "internal-error",
             "Internal error",
-            f"alertgate failed unexpectedly; the log holds the details under incident {incident}.",
+            f"alertgate failed unexpectedly; the log holds the details under incident {incident}. "
+            "If the request was accepted, its operation goes on; re-sending with the same Idempotency-Key is safe.",
             extra={"incident": incident},
         )
+
+
+def caller_of(request: ApiRequest) -> dict[str, Any]:
+    """Who called: App Service authentication's principal when present, otherwise a function key."""
+    name = request.header("X-MS-CLIENT-PRINCIPAL-NAME")
+    principal_id = request.header("X-MS-CLIENT-PRINCIPAL-ID")
+    if name or principal_id:
+        return {"authentication": "entra", "principalName": name, "principalId": principal_id,
+                "identityProvider": request.header("X-MS-CLIENT-PRINCIPAL-IDP")}  # fmt: skip
+    return {"authentication": "functionKey"}
+
+
+def operations_url(request: ApiRequest) -> tuple[str, str]:
+    """Where this app's operations live, and the `?code=` to carry over so a poller can use the same key."""
+    parts = urlsplit(request.url)
+    path = parts.path
+    prefix = path[: path.index("/api/") + 5] if "/api/" in path else "/api/"
+    code = request.query.get("code")
+    return (
+        f"{parts.scheme}://{parts.netloc}{prefix}operations/",
+        f"?code={quote(code, safe='')}" if code else "",
+    )
+
+
+def wants_async(request: ApiRequest) -> bool:
+    prefer = request.header("Prefer") or ""
+    return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
 
 
 # --- POST /api/alerts/batchUpdate -------------------------------------------------------------------
@@ -121,93 +76,81 @@ async def guarded(
 
 async def batch_update(request: ApiRequest) -> ApiResponse:
     from shared import runtime
+    from shared.intake import Submission
     from shared.model import ValidationRules, parse_json_body, validate_batch_update, validate_idempotency_key
 
     settings = runtime.settings()
-    validate_idempotency_key(request.header("Idempotency-Key"))
+    key = validate_idempotency_key(request.header("Idempotency-Key"))
     document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
     rules = ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
     update = validate_batch_update(document, rules)
-    rt = await runtime.runtime()
-    report = await rt.forwarder.forward(update)
-    return forward_answer(report, len(update.alert_ids))
+    rt = await runtime.ready()
+    base, query = operations_url(request)
+    submission = Submission(
+        update=update, source="http", caller=caller_of(request), operations_url=base, location_query=query,
+        explicit_key=key, respond_async=wants_async(request),
+    )  # fmt: skip
+    return await rt.intake.submit(submission)
 
 
-def forward_answer(report: Any, alert_count: int) -> ApiResponse:
-    """The HTTP answer for a forwarding report (see shared.dispatch for the rules behind each status)."""
-    from shared.dispatch import ChunkStatus
+# --- GET /api/operations/{operationId} ---------------------------------------------------------------
 
-    chunks = [c.as_dict() for c in report.chunks]
-    if report.succeeded:
-        return json_response(200, {"status": "Succeeded", "alertCount": alert_count, "chunks": chunks})
-    status = report.answer_status
-    worst = report.worst()
-    upstream = worst.error.as_dict() if worst and worst.error else None
-    sent_ok = sum(len(c.alert_ids) for c in report.chunks if c.status is ChunkStatus.SUCCEEDED)
-    common: dict[str, Any] = {
-        "alertCount": alert_count,
-        "succeededAlertCount": sent_ok,
-        "chunks": chunks,
-        "upstream": upstream,
-    }
-    message = upstream["message"] if upstream else "no detail"
-    if status == 503:
-        return problem(
-            503,
-            "upstream-unavailable",
-            "MDE is busy or unavailable",
-            f"MDE did not take the update now ({message}). Retry after the Retry-After delay.",
-            headers=retry_after_header(report.retry_after),
-            extra=common,
-        )
-    if status == 504:
-        return problem(
-            504,
-            "outcome-unknown",
-            "Outcome unknown",
-            "A chunk with a comment was sent but MDE gave no answer; it may have been applied. It is not "
-            "re-sent automatically because MDE appends comments and the comment would appear twice. "
-            "Check the alerts before re-submitting.",
-            extra=common,
-        )
-    if status == 502:
-        return problem(502, "upstream-auth", "MDE refused alertgate's identity", message, extra=common)
-    return problem(422, "upstream-rejected", "MDE rejected the update", message, extra=common)
+
+async def get_operation(request: ApiRequest) -> ApiResponse:
+    from shared import runtime
+    from shared.operations import is_operation_id, resource, retry_after_seconds, status_of
+
+    operation_id = request.route_params.get("operationId", "")
+    rt = await runtime.ready()
+    operation = await rt.ledger.operation(operation_id) if is_operation_id(operation_id) else None
+    if operation is None:
+        return problem(404, "operation-not-found", "No such operation",
+                       f"There is no operation {operation_id!r} (operations are kept for "
+                       f"{rt.settings.idempotency_ttl_seconds:g} seconds).")  # fmt: skip
+    chunks = await rt.ledger.chunks_of(operation)
+    state = status_of(operation, chunks)
+    document = resource(operation, chunks)
+    if state.terminal:
+        return json_response(state.http_status, document)
+    base, query = operations_url(request)
+    headers = {"Location": f"{base}{operation_id}{query}", "Retry-After": str(retry_after_seconds(chunks))}
+    return json_response(202, document, headers)
 
 
 # --- GET /api/health -----------------------------------------------------------------------------------
 
 
 async def health(request: ApiRequest) -> ApiResponse:
-    """Storage reachable and a token obtainable; 503 names what is not."""
-    import asyncio
-
+    """Storage reachable, a token obtainable, the budget left and the queue depths; 503 names what is not."""
     from shared import runtime
 
     rt = await runtime.runtime()
-    checks: dict[str, dict[str, Any]] = {}
-    for name, check in (("storage", _storage_check(rt)), ("token", _token_check(rt))):
-        try:
-            checks[name] = await asyncio.wait_for(check, timeout=10)
-        except Exception as exc:
-            checks[name] = {
-                "ok": False,
-                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-            }
+    probes = {"storage": _storage_check(rt), "token": _token_check(rt), "budget": _budget(rt), "queues": _queues(rt)}
+    results = await asyncio.gather(*(_probe(p) for p in probes.values()))
+    checks = dict(zip(probes, results, strict=True))
     healthy = all(c["ok"] for c in checks.values())
     document = {
         "status": "Healthy" if healthy else "Unhealthy",
         "checks": checks,
         "defender": {
             "batchUpdateUrl": rt.settings.batch_update_url,
-            "maxAlertsPerCall": rt.forwarder.batch_limit,
+            "maxAlertsPerCall": rt.batch_limit.current,
         },
     }
     return json_response(200 if healthy else 503, document)
 
 
+async def _probe(check: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """One check, bounded in time; its failure is reported, not raised."""
+    try:
+        return await asyncio.wait_for(check, timeout=HEALTH_CHECK_SECONDS)
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return {"ok": False, "error": f"{type(exc).__name__}: {first_line}"}
+
+
 async def _storage_check(rt: Any) -> dict[str, Any]:
-    async for _ in rt.tables.list_tables(results_per_page=1):
+    async for _ in rt.table_service.list_tables(results_per_page=1):
         break
     return {"ok": True}
 
@@ -215,3 +158,14 @@ async def _storage_check(rt: Any) -> dict[str, Any]:
 async def _token_check(rt: Any) -> dict[str, Any]:
     await rt.tokens.token()
     return {"ok": True, "scope": rt.settings.defender_token_scope}
+
+
+async def _budget(rt: Any) -> dict[str, Any]:
+    snapshot = await rt.limiter.snapshot()
+    windows = [{"calls": w.calls, "seconds": w.seconds, "used": w.used, "remaining": w.remaining}
+               for w in snapshot.windows]  # fmt: skip
+    return {"ok": True, "windows": windows, "blockedUntil": snapshot.blocked_until}
+
+
+async def _queues(rt: Any) -> dict[str, Any]:
+    return {"ok": True, "depths": await rt.queues.depths()}

@@ -18,13 +18,15 @@ import enum
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import aiohttp
+    from azure.data.tables.aio import TableClient
 
     from shared.tokens import TokenProvider
 
@@ -213,25 +215,80 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-@dataclass
 class BatchLimit:
     """The most ids per call: the setting, lowered for good when MDE reports a smaller allowance.
 
-    Kept per process in this version; DESIGN §3 wants it in Table Storage so every instance learns it
-    (the shared-state issue adds that).
+    The learned value lives in the Budget table so that every instance uses it (DESIGN §3); each process
+    keeps a copy and re-reads it at most every `refresh_seconds`.
     """
 
-    configured: int
-    learned: int | None = field(default=None)
+    ROW = ("mde", "batch-limit")
+
+    def __init__(
+        self, configured: int, table: TableClient | None = None, refresh_seconds: float = 30.0
+    ) -> None:
+        self.configured = configured
+        self.learned: int | None = None
+        self._table = table
+        self._refresh = refresh_seconds
+        self._read_at = float("-inf")
 
     @property
     def current(self) -> int:
         return min(self.configured, self.learned) if self.learned else self.configured
 
-    def learn(self, allowed: int | None, attempted: int) -> int:
-        """Remember MDE's allowance (or half the rejected size when MDE did not say); return it."""
+    async def refresh(self) -> int:
+        """The current limit, re-read from the table when the local copy is old."""
+        if self._table is None or time.monotonic() - self._read_at < self._refresh:
+            return self.current
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            entity = await self._table.get_entity(*self.ROW)
+            self._remember(int(entity["Allowed"]))
+        except ResourceNotFoundError:
+            pass
+        self._read_at = time.monotonic()
+        return self.current
+
+    def _remember(self, allowed: int) -> None:
+        self.learned = min(self.learned, allowed) if self.learned else allowed
+
+    async def learn(self, allowed: int | None, attempted: int) -> int:
+        """Remember MDE's allowance (or half the refused size when MDE did not say); return the new limit."""
         new = allowed if allowed is not None else max(1, attempted // 2)
         new = max(1, min(new, attempted - 1)) if attempted > 1 else 1
-        self.learned = min(self.learned, new) if self.learned else new
-        log.warning("MDE allows at most %d alert ids per call; using that from now on", self.learned)
-        return self.learned
+        self._remember(new)
+        log.warning("MDE allows at most %d alert ids per call; using that from now on", self.current)
+        if self._table is not None:
+            await self._store(self.current)
+        return self.current
+
+    async def _store(self, allowed: int) -> None:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+        from azure.data.tables import UpdateMode
+
+        assert self._table is not None
+        pk, rk = self.ROW
+        for _ in range(10):
+            try:
+                entity = await self._table.get_entity(pk, rk)
+            except ResourceNotFoundError:
+                try:
+                    await self._table.create_entity({"PartitionKey": pk, "RowKey": rk, "Allowed": allowed})
+                    return
+                except ResourceExistsError:
+                    continue
+            if int(entity["Allowed"]) <= allowed:
+                self._remember(int(entity["Allowed"]))
+                return
+            try:
+                await self._table.update_entity(
+                    {"PartitionKey": pk, "RowKey": rk, "Allowed": allowed}, mode=UpdateMode.REPLACE,
+                    etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified,
+                )  # fmt: skip
+                return
+            except HttpResponseError as exc:
+                if exc.status_code != 412:
+                    raise

@@ -1,166 +1,59 @@
-"""Forwarding a validated request to MDE in chunks, and the answer it earns (DESIGN §1).
+"""The pipeline: accept a validated request, then send its chunks within the shared budget and in order.
 
-This version forwards synchronously within the HTTP request. The shared-state issue adds the call
-budget, idempotency keys, operations and deferral in front of it; the chunk outcomes defined here are
-what those records will hold.
+One path for every source (HTTP, the inbound queue, Sentinel): claim the idempotency key, accept the
+request into the ledger (its chunks become the outbox), then try to send. The HTTP path sends at once
+while the budget allows within SYNC_MAX_WAIT_SECONDS; whatever cannot be sent now is handed to the chunks
+queue, whose worker sends it later. Every send follows the same steps (`Sender.attempt`):
 
-Decisions, all from DESIGN §1:
-- Chunks hold at most `BatchLimit.current` ids. MaximumBatchSizeExceeded is not a failure: the chunk is
-  split by MDE's reported allowance, which is remembered, and the pieces are sent.
-- A 401 is retried once with a freshly fetched token; a second 401 fails the chunk (502).
-- A retryable failure (429, 5xx, not sent) stops the request: the chunks not yet sent are reported
-  NotSent, and nothing more is spent on an upstream that is refusing or failing.
-- A call that may have reached MDE but gave no answer (timeout, reset) is "outcome unknown". With no
-  comment, setting the same values again is harmless, so it is answered like a 5xx (retry later). With a
-  comment it is not, because MDE appends comments: the chunk ends OutcomeUnknown and the answer is 504.
+1. not before its back-off; no earlier pending update of any of its alerts (per-alert order);
+2. a grant from the shared budget (every call counts, whatever its answer);
+3. marked Sending in the ledger *before* the call (the outbox: a crash leaves a trace);
+4. the call, and its outcome recorded (DESIGN §1):
+   - 200 → Succeeded; MaximumBatchSizeExceeded → split by MDE's allowance, limit remembered;
+   - 401 → once more with a token fetched fresh; a second 401, or a 403 → Failed (502);
+   - other 4xx → Failed (422) with MDE's code, message and target;
+   - 429/5xx/not sent → back to Pending with back-off (429's Retry-After blocks every instance);
+   - sent but no answer → with a comment, OutcomeUnknown (504: MDE appends comments, a re-send would
+     show twice) unless RESEND_UNKNOWN_WITH_COMMENT; without one, retried like a 5xx;
+   - after MAX_ATTEMPTS, or once the operation is older than IDEMPOTENCY_TTL_SECONDS → Failed (502, or
+     504 when the last failure was a timeout).
+
+Waiting never holds a queue message: the worker re-enqueues the chunk with a visibility delay and ends
+successfully. Each chunk has one live message, named by a token stored on the chunk; a message whose
+token is not the chunk's is a stale duplicate and is dropped. The sweep (a timer) resolves what a crash
+left behind: a Sending chunk older than the call timeout plus SWEEP_GRACE_SECONDS (outcome unknown), and
+a Pending chunk whose message is overdue by SWEEP_GRACE_SECONDS (re-enqueued).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.defender import BatchLimit, CallKind, CallResult, DefenderClient, UpstreamError
-from shared.model import AlertUpdate, BatchUpdate, outbound_body
+from shared.defender import CallKind, CallResult, UpstreamError
+from shared.ledger import AcceptPlan, AlreadyAccepted, Chunk, ChunkResult, Operation, PendingState
+from shared.model import outbound_body
+from shared.ratelimit import Denial
+
+if TYPE_CHECKING:
+    from shared.defender import BatchLimit, DefenderClient
+    from shared.ledger import Ledger
+    from shared.queues import Queues
+    from shared.ratelimit import RateLimiter
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-class ChunkStatus(enum.Enum):
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    RETRYABLE = "Retryable"
-    OUTCOME_UNKNOWN = "OutcomeUnknown"
-    NOT_SENT = "NotSent"
-
-
-@dataclass
-class ChunkOutcome:
-    alert_ids: tuple[str, ...]
-    status: ChunkStatus
-    attempts: int = 0
-    answer_status: int = 200
-    error: UpstreamError | None = None
-    retry_after: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = {
-            "alertIds": list(self.alert_ids),
-            "status": self.status.value,
-            "attempts": self.attempts,
-        }
-        if self.error is not None:
-            result["lastError"] = self.error.as_dict()
-        return result
-
-
-# The answer a chunk earns; when chunks differ the most severe wins (DESIGN §1: 504 > 502 > 422 > 400),
-# with 503 ("retry later", before operations exist) placed just under 504.
-_SEVERITY = {504: 5, 503: 4, 502: 3, 422: 2, 400: 1, 200: 0}
-
-
-@dataclass
-class ForwardReport:
-    chunks: list[ChunkOutcome] = field(default_factory=list)
-
-    @property
-    def answer_status(self) -> int:
-        return max((c.answer_status for c in self.chunks), key=lambda s: _SEVERITY.get(s, 0), default=200)
-
-    @property
-    def succeeded(self) -> bool:
-        return all(c.status is ChunkStatus.SUCCEEDED for c in self.chunks)
-
-    @property
-    def retry_after(self) -> float | None:
-        waits = [c.retry_after for c in self.chunks if c.retry_after is not None]
-        return max(waits) if waits else None
-
-    def worst(self) -> ChunkOutcome | None:
-        failing = [c for c in self.chunks if c.status is not ChunkStatus.SUCCEEDED]
-        return max(failing, key=lambda c: _SEVERITY.get(c.answer_status, 0)) if failing else None
-
-
-def split(alert_ids: tuple[str, ...], size: int) -> list[tuple[str, ...]]:
-    return [alert_ids[i : i + size] for i in range(0, len(alert_ids), size)]
-
-
-class Forwarder:
-    """Sends a request's chunks one after another and collects what happened to each."""
-
-    def __init__(
-        self,
-        client: DefenderClient,
-        batch_limit: BatchLimit,
-        enum_overrides: dict[str, str],
-        resend_unknown_with_comment: bool = False,
-    ) -> None:
-        self._client = client
-        self._batch_limit = batch_limit
-        self._overrides = enum_overrides
-        self._resend_unknown_with_comment = resend_unknown_with_comment
-
-    @property
-    def batch_limit(self) -> int:
-        return self._batch_limit.current
-
-    async def forward(self, request: BatchUpdate) -> ForwardReport:
-        report = ForwardReport()
-        pending = split(request.alert_ids, self._batch_limit.current)
-        while pending:
-            ids = pending.pop(0)
-            outcome, smaller = await self._send_chunk(ids, request.update)
-            if smaller is not None:
-                pending[:0] = smaller
-                continue
-            report.chunks.append(outcome)
-            if outcome.status in (ChunkStatus.RETRYABLE, ChunkStatus.OUTCOME_UNKNOWN):
-                report.chunks.extend(
-                    ChunkOutcome(
-                        rest, ChunkStatus.NOT_SENT, answer_status=503, retry_after=outcome.retry_after
-                    )
-                    for rest in pending
-                )
-                break
-        return report
-
-    async def _send_chunk(
-        self, ids: tuple[str, ...], update: AlertUpdate
-    ) -> tuple[ChunkOutcome, list[tuple[str, ...]] | None]:
-        """One chunk, with the single fresh-token retry after a 401; returns pieces if it must be split."""
-        body = outbound_body(ids, update, self._overrides)
-        result, token = await self._client.send(body)
-        attempts = 1 if result.sent else 0
-        if result.kind is CallKind.UNAUTHORIZED:
-            log.warning("MDE answered 401; retrying once with a freshly fetched token")
-            result, _ = await self._client.send(body, fresh_token=True, rejected_token=token)
-            attempts += 1 if result.sent else 0
-        if result.kind is CallKind.BATCH_TOO_LARGE and len(ids) > 1:
-            size = self._batch_limit.learn(result.allowed_batch_size, len(ids))
-            return ChunkOutcome(ids, ChunkStatus.NOT_SENT), split(ids, size)
-        return self._outcome(ids, update, result, attempts), None
-
-    def _outcome(
-        self, ids: tuple[str, ...], update: AlertUpdate, result: CallResult, attempts: int
-    ) -> ChunkOutcome:
-        kind = result.kind
-        if kind is CallKind.OK:
-            return ChunkOutcome(ids, ChunkStatus.SUCCEEDED, attempts)
-        if kind in (CallKind.PERMANENT, CallKind.BATCH_TOO_LARGE):
-            return ChunkOutcome(ids, ChunkStatus.FAILED, attempts, 422, result.error)
-        if kind in (CallKind.UNAUTHORIZED, CallKind.FORBIDDEN):
-            return ChunkOutcome(ids, ChunkStatus.FAILED, attempts, 502, _with_role_hint(result.error))
-        if (
-            kind is CallKind.OUTCOME_UNKNOWN
-            and update.comment is not None
-            and not self._resend_unknown_with_comment
-        ):
-            status = 504
-            return ChunkOutcome(ids, ChunkStatus.OUTCOME_UNKNOWN, attempts, status, result.error)
-        return ChunkOutcome(ids, ChunkStatus.RETRYABLE, attempts, 503, result.error, result.retry_after)
-
+ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
+MAX_BACKOFF_SECONDS = 300.0
+WORKER_BUDGET_WAIT_SECONDS = 1.0  # short waits are cheaper in process than as a message round trip
 
 ROLE_HINT = (
     "alertgate's identity needs the Alert.ReadWrite.All application role of WindowsDefenderATP "
@@ -169,6 +62,233 @@ ROLE_HINT = (
 )
 
 
-def _with_role_hint(error: UpstreamError | None) -> UpstreamError:
+class AttemptKind(enum.Enum):
+    FINISHED = "finished"  # the chunk reached a terminal state
+    DEFERRED = "deferred"  # try again after `delay`
+    SPLIT = "split"  # replaced by smaller pieces
+    LOST = "lost"  # someone else changed the chunk first: they own it now
+
+
+@dataclass
+class Attempt:
+    kind: AttemptKind
+    chunk: Chunk
+    delay: float = 0.0
+    pieces: list[Chunk] = field(default_factory=list)
+
+
+def backoff(attempts: int, retry_after: float | None) -> float:
+    """Exponential from 1 s with ±50 % jitter, capped, and never sooner than MDE's Retry-After."""
+    base = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, attempts - 1))
+    return max(retry_after or 0.0, base * random.uniform(0.5, 1.5))
+
+
+def with_role_hint(error: UpstreamError | None) -> UpstreamError:
     base = error or UpstreamError(None, None, "MDE refused the token")
     return UpstreamError(base.http_status, base.code, f"{base.message} — {ROLE_HINT}", base.target)
+
+
+class Sender:
+    """Sends one pending chunk by the rules above; shared by the HTTP path, the worker and the sweep."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        limiter: RateLimiter,
+        client: DefenderClient,
+        batch_limit: BatchLimit,
+        queues: Queues,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.limiter = limiter
+        self.client = client
+        self.batch_limit = batch_limit
+        self.queues = queues
+        self._clock = clock
+        self._operation_created: dict[str, float] = {}
+
+    async def attempt(self, chunk: Chunk, max_wait: float) -> Attempt:
+        """One try at sending `chunk` (plus the single fresh-token retry after a 401)."""
+        now = self._clock()
+        if chunk.not_before > now:
+            return Attempt(AttemptKind.DEFERRED, chunk, chunk.not_before - now)
+        if await self.ledger.blocked_by_earlier(chunk) is not None:
+            return Attempt(AttemptKind.DEFERRED, chunk, ORDER_WAIT_SECONDS)
+        current = await self.batch_limit.refresh()
+        if len(chunk.alert_ids) > current:
+            return await self._split(chunk, current)
+        while True:
+            grant = await self.limiter.acquire(max_wait)
+            if isinstance(grant, Denial):
+                return Attempt(AttemptKind.DEFERRED, chunk, grant.wait_seconds)
+            sending = await self.ledger.update_pending(
+                chunk, state=PendingState.SENDING, sending_since=self._clock(), attempts=chunk.attempts + 1
+            )
+            if sending is None:
+                return Attempt(AttemptKind.LOST, chunk)
+            body = outbound_body(sending.alert_ids, sending.fields, self.settings.defender_enum_overrides)
+            result, _token = await self.client.send(body, fresh_token=sending.fresh_token)
+            if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
+                log.warning(
+                    "chunk %s: MDE answered 401; retrying once with a freshly fetched token", chunk.chunk_id
+                )
+                retry = await self.ledger.update_pending(
+                    sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
+                )
+                if retry is None:
+                    return Attempt(AttemptKind.LOST, chunk)
+                chunk, max_wait = retry, 0.0
+                continue
+            return await self._record(sending, result)
+
+    async def _split(self, chunk: Chunk, size: int) -> Attempt:
+        pieces = await self.ledger.split(chunk, size)
+        log.info("chunk %s split into %d pieces of at most %d ids", chunk.chunk_id, len(pieces), size)
+        return Attempt(AttemptKind.SPLIT, chunk, pieces=pieces)
+
+    async def _record(self, chunk: Chunk, result: CallResult) -> Attempt:
+        kind = result.kind
+        error = result.error.as_dict() if result.error else None
+        if kind is CallKind.OK:
+            return await self._finish(chunk, ChunkResult.SUCCEEDED, 200, None)
+        if kind is CallKind.BATCH_TOO_LARGE and len(chunk.alert_ids) > 1:
+            size = await self.batch_limit.learn(result.allowed_batch_size, len(chunk.alert_ids))
+            return await self._split(chunk, size)
+        if kind in (CallKind.PERMANENT, CallKind.BATCH_TOO_LARGE):
+            return await self._finish(chunk, ChunkResult.FAILED, 422, error)
+        if kind in (CallKind.UNAUTHORIZED, CallKind.FORBIDDEN):
+            return await self._finish(chunk, ChunkResult.FAILED, 502, with_role_hint(result.error).as_dict())
+        if (
+            kind is CallKind.OUTCOME_UNKNOWN
+            and chunk.has_comment
+            and not self.settings.resend_unknown_with_comment
+        ):
+            return await self._finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, error)
+        if result.error is not None and result.error.http_status == 429:
+            await self.limiter.block(result.retry_after if result.retry_after is not None else 1.0)
+        return await self._retry_later(chunk, result)
+
+    async def _retry_later(self, chunk: Chunk, result: CallResult) -> Attempt:
+        error = result.error.as_dict() if result.error else None
+        final_status = 504 if result.timed_out or result.kind is CallKind.OUTCOME_UNKNOWN else 502
+        if chunk.attempts >= self.settings.max_attempts or await self._too_old(chunk):
+            return await self._finish(chunk, ChunkResult.FAILED, final_status, error)
+        delay = backoff(chunk.attempts, result.retry_after)
+        pending = await self.ledger.update_pending(
+            chunk,
+            state=PendingState.PENDING,
+            sending_since=0.0,
+            not_before=self._clock() + delay,
+            last_error=error,
+        )
+        if pending is None:
+            return Attempt(AttemptKind.LOST, chunk)
+        return Attempt(AttemptKind.DEFERRED, pending, delay)
+
+    async def _too_old(self, chunk: Chunk) -> bool:
+        return self._clock() - chunk.created_at > self.settings.idempotency_ttl_seconds
+
+    async def _finish(self, chunk: Chunk, result: str, status: int, error: dict[str, Any] | None) -> Attempt:
+        done = await self.ledger.finish(chunk, result, status, error)
+        log.info("chunk %s of operation %s: %s", chunk.chunk_id, chunk.operation_id, done.state)
+        return Attempt(AttemptKind.FINISHED, done)
+
+    # --- scheduling ----------------------------------------------------------------------------------
+
+    async def schedule(self, chunk: Chunk, delay: float) -> bool:
+        """Make `chunk`'s next try a queue message due after `delay`; False if someone else owns it."""
+        token = uuid.uuid4().hex
+        owned = await self.ledger.update_pending(chunk, msg_token=token, msg_due_at=self._clock() + delay)
+        if owned is None:
+            return False
+        await self.queues.send_chunk(chunk.chunk_id, token, delay)
+        return True
+
+    async def follow_up(self, attempt: Attempt) -> None:
+        """After a try that did not finish the chunk, make sure its next try is queued."""
+        if attempt.kind is AttemptKind.DEFERRED:
+            await self.schedule(attempt.chunk, attempt.delay)
+        elif attempt.kind is AttemptKind.SPLIT:
+            for piece in attempt.pieces:
+                await self.schedule(piece, 0.0)
+
+    # --- the queue worker and the sweep --------------------------------------------------------------
+
+    async def on_message(self, chunk_id: str, token: str) -> str:
+        """Handle one chunks-queue message; never raises for a state it can resolve. Returns what it did."""
+        chunk = await self.ledger.pending_chunk(chunk_id)
+        if chunk is None:
+            return "gone"  # finished or split: nothing to do
+        if chunk.msg_token != token:
+            return "stale-message"
+        if chunk.state == PendingState.SENDING:
+            age = self._clock() - chunk.sending_since
+            if age < self.sending_lease:
+                await self.schedule(chunk, self.sending_lease - age)
+                return "in-flight-elsewhere"
+            resolved = await self.resolve_stale_send(chunk)
+            if resolved is None or resolved.kind is not AttemptKind.DEFERRED:
+                return "stale-send-resolved"
+            chunk = resolved.chunk
+        attempt = await self.attempt(chunk, max_wait=WORKER_BUDGET_WAIT_SECONDS)
+        await self.follow_up(attempt)
+        return attempt.kind.value
+
+    @property
+    def sending_lease(self) -> float:
+        """How long a Sending mark is trusted: no call lives past its timeout, plus the sweep's grace."""
+        return self.settings.defender_http_timeout_seconds + self.settings.sweep_grace_seconds
+
+    async def resolve_stale_send(self, chunk: Chunk) -> Attempt | None:
+        """A call was marked Sending and never recorded (the process died): its outcome is unknown."""
+        log.warning("chunk %s was sent at %.3f and never recorded: outcome unknown", chunk.chunk_id,
+                    chunk.sending_since)  # fmt: skip
+        error = UpstreamError(None, "OutcomeUnknown",
+                              "alertgate stopped between sending this chunk and recording MDE's answer")  # fmt: skip
+        result = CallResult(CallKind.OUTCOME_UNKNOWN, error)
+        if chunk.has_comment and not self.settings.resend_unknown_with_comment:
+            return await self._finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, error.as_dict())
+        return await self._retry_later(chunk, result)
+
+    async def sweep(self) -> dict[str, int]:
+        """Resolve what crashes left: stale Sending marks and Pending chunks whose message went missing."""
+        counts = {"staleSends": 0, "requeued": 0}
+        now = self._clock()
+        for chunk in await self.ledger.all_pending():
+            if chunk.state == PendingState.SENDING and now - chunk.sending_since > self.sending_lease:
+                attempt = await self.resolve_stale_send(chunk)
+                counts["staleSends"] += 1
+                if attempt is not None:
+                    await self.follow_up(attempt)
+            elif (
+                chunk.state == PendingState.PENDING
+                and now > chunk.msg_due_at + self.settings.sweep_grace_seconds
+            ):
+                due = max(0.0, chunk.not_before - now)
+                if await self.schedule(chunk, due):
+                    counts["requeued"] += 1
+        return counts
+
+    async def on_poison(self, chunk_id: str) -> bool:
+        """A chunk message failed repeatedly: record the chunk Failed rather than let it vanish."""
+        chunk = await self.ledger.pending_chunk(chunk_id)
+        if chunk is None:
+            return False
+        error = {"httpStatus": None, "code": "PoisonMessage", "target": None,
+                 "message": "The chunk's queue message failed repeatedly and reached the poison queue."}  # fmt: skip
+        await self.ledger.finish(chunk, ChunkResult.FAILED, 502, chunk.last_error or error)
+        return True
+
+
+def plan_chunks(alert_ids: tuple[str, ...], fields: dict[str, str], limit: int, max_entries: int
+                ) -> list[tuple[tuple[str, ...], dict[str, str]]]:  # fmt: skip
+    """Chunks of at most `limit` ids, fewer and larger if the request would need more than `max_entries`
+    (the attempt splits those by the limit before sending, keeping their place in the order)."""
+    size = max(limit, math.ceil(len(alert_ids) / max_entries))
+    return [(alert_ids[i : i + size], fields) for i in range(0, len(alert_ids), size)]
+
+
+__all__ = ["AcceptPlan", "AlreadyAccepted", "Attempt", "AttemptKind", "Operation", "Sender", "plan_chunks"]

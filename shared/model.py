@@ -123,11 +123,11 @@ class BatchUpdate:
 
 
 def outbound_body(
-    alert_ids: Iterable[str], update: AlertUpdate, overrides: Mapping[str, str]
+    alert_ids: Iterable[str], fields: Mapping[str, str], overrides: Mapping[str, str]
 ) -> dict[str, Any]:
     """MDE's body for one call: canonical values, each replaced by the operator's override if any."""
     body: dict[str, Any] = {"alertIds": list(alert_ids)}
-    for name, value in update.fields().items():
+    for name, value in fields.items():
         body[name] = overrides.get(value, value) if name in _ENUM_FIELDS else value
     return body
 

@@ -1,7 +1,9 @@
-"""What one worker process keeps between invocations: settings, one aiohttp session, one credential.
+"""What one worker process keeps between invocations: settings, one aiohttp session, one credential,
+the storage clients and the pipeline built on them.
 
 Created on first use inside the running event loop (an aiohttp session must be), reused by every
 invocation, and closed by `shutdown()` (the development host calls it; in Azure the worker simply ends).
+Tables and queues are created here once per process if missing (infra creates them in Azure).
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shared.defender import BatchLimit, DefenderClient, trace_config
-from shared.dispatch import Forwarder
 from shared.settings import Settings, load_settings
-from shared.tokens import TokenProvider
 
 if TYPE_CHECKING:
     import aiohttp
     from azure.core.credentials_async import AsyncTokenCredential
     from azure.data.tables.aio import TableServiceClient
+
+    from shared.defender import BatchLimit, DefenderClient
+    from shared.dispatch import Sender
+    from shared.idempotency import IdempotencyStore
+    from shared.intake import Intake
+    from shared.ledger import Ledger
+    from shared.queues import Queues
+    from shared.ratelimit import RateLimiter
+    from shared.tables import Tables
+    from shared.tokens import TokenProvider
 
 
 @dataclass
@@ -27,12 +36,29 @@ class Runtime:
     session: aiohttp.ClientSession
     tokens: TokenProvider
     defender: DefenderClient
-    forwarder: Forwarder
-    tables: TableServiceClient
+    table_service: TableServiceClient
+    tables: Tables
+    queues: Queues
     storage_credential: AsyncTokenCredential | None
+    limiter: RateLimiter
+    batch_limit: BatchLimit
+    ledger: Ledger
+    keys: IdempotencyStore
+    sender: Sender
+    intake: Intake
+
+    storage_ready: bool = False
+
+    async def ensure_storage(self) -> None:
+        """Create the tables and queues if missing, once per process (retried on the next call if it failed)."""
+        if not self.storage_ready:
+            await asyncio.gather(self.tables.ensure_exist(self.table_service), self.queues.ensure_exist())
+            self.storage_ready = True
 
     async def close(self) -> None:
+        await self.queues.close()
         await self.tables.close()
+        await self.table_service.close()
         if self.storage_credential is not None:
             await self.storage_credential.close()
         await self.tokens.close()
@@ -42,7 +68,16 @@ class Runtime:
 async def build_runtime(settings: Settings) -> Runtime:
     import aiohttp
 
+    from shared.defender import BatchLimit, DefenderClient, trace_config
+    from shared.dispatch import Sender
+    from shared.idempotency import IdempotencyStore
+    from shared.intake import Intake
+    from shared.ledger import Ledger
+    from shared.queues import Queues, queue_client
+    from shared.ratelimit import RateLimiter
     from shared.storage import storage_credential, table_service
+    from shared.tables import Tables
+    from shared.tokens import TokenProvider
 
     session = aiohttp.ClientSession(trace_configs=[trace_config()])
     tokens = TokenProvider(
@@ -51,22 +86,29 @@ async def build_runtime(settings: Settings) -> Runtime:
     defender = DefenderClient(
         session, tokens, settings.batch_update_url, settings.defender_http_timeout_seconds
     )
-    forwarder = Forwarder(
-        defender,
-        BatchLimit(settings.defender_max_alerts_per_call),
-        dict(settings.defender_enum_overrides),
-        settings.resend_unknown_with_comment,
-    )
     credential = storage_credential(settings.storage)
-    return Runtime(
-        settings,
-        session,
-        tokens,
-        defender,
-        forwarder,
-        table_service(settings.storage, credential),
-        credential,
+    service = table_service(settings.storage, credential)
+    tables = Tables.from_service(service, settings.table_prefix)
+    queues = Queues(
+        queue_client(settings.storage, credential, settings.chunks_queue),
+        queue_client(settings.storage, credential, settings.requests_queue),
+        queue_client(settings.storage, credential, f"{settings.chunks_queue}-poison"),
     )
+    limiter = RateLimiter(
+        tables.budget, settings.defender_rate_limits, settings.rate_limit_safety_margin_seconds
+    )
+    batch_limit = BatchLimit(settings.defender_max_alerts_per_call, tables.budget)
+    ledger = Ledger(tables.operations)
+    keys = IdempotencyStore(
+        tables.keys,
+        explicit_ttl=settings.idempotency_ttl_seconds,
+        derived_ttl=settings.derived_key_ttl_seconds,
+        claim_lease=settings.sync_max_wait_seconds + 2 * settings.defender_http_timeout_seconds + 30,
+    )
+    sender = Sender(settings, ledger, limiter, defender, batch_limit, queues)
+    intake = Intake(settings, keys, ledger, sender)
+    return Runtime(settings, session, tokens, defender, service, tables, queues, credential, limiter, batch_limit,
+                   ledger, keys, sender, intake)  # fmt: skip
 
 
 _settings: Settings | None = None
@@ -92,6 +134,13 @@ async def runtime() -> Runtime:
         if _runtime is None:
             _runtime = await build_runtime(settings())
         return _runtime
+
+
+async def ready() -> Runtime:
+    """The runtime with its tables and queues in place: what every handler that touches state needs."""
+    current = await runtime()
+    await current.ensure_storage()
+    return current
 
 
 async def shutdown() -> None:

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from shared.errors import SettingsError
 
+MAX_IDS_PER_CALL = 900
+MAX_IDS_PER_REQUEST = 50000
 DEFAULT_ALERT_ID_PATTERN = r"^(?:[a-z]{2})?\d{18}_-?\d{1,20}$"
 
 T = TypeVar("T")
@@ -69,6 +71,8 @@ class Settings:
     max_attempts: int
     sentinel_mapping: Mapping[str, Mapping[str, str]]
     sentinel_default_assignee: str | None
+    sweep_schedule: str
+    sweep_grace_seconds: float
     # In Azure (and locally against the identity emulator) the App Service identity endpoint is set;
     # elsewhere a developer's own login is used through DefaultAzureCredential (DESIGN §5).
     use_managed_identity: bool = field(default=False)
@@ -175,6 +179,12 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
     return value
+
+
+def _ncrontab(text: str) -> str:
+    if len(text.split()) != 6:
+        raise ValueError("must be a six-field NCRONTAB schedule (second minute hour day month day-of-week)")
+    return text
 
 
 def _queue_name(text: str) -> str:
@@ -308,10 +318,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_attempts=reader.get("MAX_ATTEMPTS", 12, _positive_int),
         sentinel_mapping=_sentinel_mapping(reader),
         sentinel_default_assignee=reader.raw("SENTINEL_DEFAULT_ASSIGNEE"),
+        sweep_schedule=reader.get("SWEEP_SCHEDULE", "*/30 * * * * *", _ncrontab),
+        sweep_grace_seconds=reader.get("SWEEP_GRACE_SECONDS", 60.0, _seconds(0)),
         use_managed_identity=bool(
             reader.raw("IDENTITY_ENDPOINT") or reader.raw("MSI_ENDPOINT") or reader.raw("WEBSITE_INSTANCE_ID")
         ),
     )
+    if settings.defender_max_alerts_per_call > MAX_IDS_PER_CALL:
+        reader.problems.append(("DEFENDER_MAX_ALERTS_PER_CALL", f"must be at most {MAX_IDS_PER_CALL}: a pending "
+                                "chunk's ids are kept in one Table Storage property (64 KiB)"))  # fmt: skip
+    if settings.max_alerts_per_request > MAX_IDS_PER_REQUEST:
+        reader.problems.append(("MAX_ALERTS_PER_REQUEST", f"must be at most {MAX_IDS_PER_REQUEST}: a request is "
+                                "accepted in one Table Storage transaction (at most 97 chunks)"))  # fmt: skip
+    if any(w.calls > 2000 for w in settings.defender_rate_limits):
+        reader.problems.append(("DEFENDER_RATE_LIMITS", "must allow at most 2000 calls per window: the budget's "
+                                "log of calls is kept in one Table Storage property"))  # fmt: skip
     if settings.requests_queue == settings.chunks_queue:
         reader.problems.append(("CHUNKS_QUEUE", "must differ from REQUESTS_QUEUE"))
     if reader.problems:

@@ -6,6 +6,7 @@ hosts are kept per distinct settings so that tests sharing a configuration share
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +48,24 @@ class HostPool:
         self._hosts: dict[tuple[tuple[str, str], ...], Service] = {}
 
     def env(self, overrides: dict[str, str]) -> dict[str, str]:
+        """Each host gets its own tables and queues (hosts share one Azurite), a budget that does not get
+        in the way unless a test sets one, and no derived keys unless a test wants them."""
+        tag = f"t{len(self._hosts)}{uuid.uuid4().hex[:6]}"
+        isolated = {
+            "TABLE_PREFIX": tag,
+            "CHUNKS_QUEUE": f"chunks-{tag}",
+            "REQUESTS_QUEUE": f"requests-{tag}",
+            "DEFENDER_RATE_LIMITS": "2000/1",
+            "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0",
+            "DERIVED_KEY_TTL_SECONDS": "0",
+            "SYNC_MAX_WAIT_SECONDS": "2",
+        }
         return local_app_env(
             connection_string=self._azurite.urls["connection_string"],
             mde_url=self._emulators.urls["mde"],
             identity_url=self._emulators.urls["identity"],
             identity_header=self._emulators.urls["identity_header"],
-            overrides=overrides,
+            overrides={**isolated, **overrides},
         )
 
     def get(self, **overrides: str) -> Service:

@@ -7,6 +7,7 @@ MDE emulator over loopback. Assertions read what the emulator recorded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -29,6 +30,22 @@ async def post(
     async with http.post(url, data=data, headers={**JSON, **(headers or {})}) as response:
         text = await response.text()
         return response.status, dict(response.headers), json.loads(text) if text else None
+
+
+async def wait_for_operation(
+    http: aiohttp.ClientSession, location: str, within: float = 30.0
+) -> tuple[int, dict[str, Any]]:
+    """Poll an operation as a Logic App would, until it is no longer 202 (bounded in time)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        async with http.get(location) as response:
+            body = await response.json(content_type=None)
+            if response.status != 202:
+                return response.status, body
+            assert "Retry-After" in response.headers and response.headers["Location"] == location
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"operation still running after {within}s: {body}")
+        await asyncio.sleep(0.2)
 
 
 def sent_bodies(calls: list[dict[str, Any]]) -> list[Any]:
@@ -199,25 +216,37 @@ async def test_403_is_502_with_the_role_hint_and_not_retried(
     assert len(await ctl.calls()) == 1
 
 
-@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 503}, {"status": 429, "retryAfter": 7}])
-async def test_retryable_upstream_failures_are_503_with_retry_after(
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 503}, {"status": 429, "retryAfter": 2}])
+async def test_retryable_upstream_failures_are_deferred_and_retried(
     hosts: HostPool, ctl: EmulatorControl, http, fault: dict[str, Any]
 ) -> None:
     await ctl.add_faults([fault])
     status, headers, body = await post(http, hosts.url("/api/alerts/batchUpdate"), MICROSOFT_EXAMPLE)
-    assert status == 503
-    assert int(headers["Retry-After"]) == fault.get("retryAfter", 1)
-    assert body["upstream"]["httpStatus"] == fault["status"]
+    assert status == 202, body
+    assert headers["Location"].endswith(f"/api/operations/{body['operationId']}")
+    assert int(headers["Retry-After"]) >= 1
     assert len(await ctl.calls()) == 1
+    final, resource = await wait_for_operation(http, headers["Location"])
+    assert final == 200 and resource["status"] == "Succeeded", resource
+    calls = await ctl.calls()
+    assert [c["status"] for c in calls] == [fault["status"], 200]
+    if "retryAfter" in fault:  # MDE's Retry-After was honoured before the retry
+        assert calls[1]["time"] - calls[0]["time"] >= fault["retryAfter"] - 0.05
+    assert resource["chunks"][0]["attempts"] == 2
 
 
-async def test_retryable_failure_stops_later_chunks(hosts: HostPool, ctl: EmulatorControl, http) -> None:
-    url = hosts.url("/api/alerts/batchUpdate", DEFENDER_MAX_ALERTS_PER_CALL="1")
+async def test_a_429_holds_back_the_other_chunks(hosts: HostPool, ctl: EmulatorControl, http) -> None:
+    url = hosts.url("/api/alerts/batchUpdate", DEFENDER_MAX_ALERTS_PER_CALL="1", SYNC_MAX_WAIT_SECONDS="1")
     await ctl.add_faults([{"status": 429, "retryAfter": 3}])
     status, headers, body = await post(http, url, {"alertIds": IDS[:3], "status": "Resolved"})
-    assert status == 503 and headers["Retry-After"] == "3"
-    assert [c["status"] for c in body["chunks"]] == ["Retryable", "NotSent", "NotSent"]
-    assert len(await ctl.calls()) == 1
+    assert status == 202, body
+    assert [c["status"] for c in body["chunks"]] == ["Pending"] * 3
+    assert len(await ctl.calls()) == 1  # nothing more was spent against a refusing upstream
+    final, resource = await wait_for_operation(http, headers["Location"])
+    assert final == 200, resource
+    calls = await ctl.calls()
+    assert [c["status"] for c in calls] == [429, 200, 200, 200]
+    assert min(c["time"] for c in calls[1:]) - calls[0]["time"] >= 3 - 0.05
 
 
 TIMEOUT = {"DEFENDER_HTTP_TIMEOUT_SECONDS": "0.5"}
@@ -233,12 +262,16 @@ async def test_timeout_with_a_comment_is_504_outcome_unknown(
     assert len(await ctl.calls()) == 1  # never re-sent blindly: the comment would appear twice
 
 
-async def test_timeout_without_a_comment_is_retryable(hosts: HostPool, ctl: EmulatorControl, http) -> None:
+async def test_timeout_without_a_comment_is_retried(hosts: HostPool, ctl: EmulatorControl, http) -> None:
     await ctl.add_faults([{"delaySeconds": 1.5, "apply": False}])
-    status, headers, _ = await post(
+    status, headers, body = await post(
         http, hosts.url("/api/alerts/batchUpdate", **TIMEOUT), {"alertIds": [ID1], "status": "Resolved"}
     )
-    assert status == 503 and "Retry-After" in headers
+    assert status == 202, body
+    final, resource = await wait_for_operation(http, headers["Location"])
+    assert final == 200, resource
+    assert len(await ctl.calls()) == 2
+    assert (await ctl.alert(ID1) or {}).get("status") == "Resolved"
 
 
 async def test_connection_reset_after_sending_is_outcome_unknown(
@@ -256,6 +289,8 @@ async def test_health_reports_storage_and_token(hosts: HostPool, ctl: EmulatorCo
         assert response.status == 200, body
     assert body["status"] == "Healthy"
     assert body["checks"]["storage"]["ok"] and body["checks"]["token"]["ok"]
+    assert body["checks"]["budget"]["windows"][0]["calls"] == 2000
+    assert any(name.startswith("chunks-") for name in body["checks"]["queues"]["depths"])
 
 
 async def test_health_is_503_when_storage_is_unreachable(hosts: HostPool, ctl: EmulatorControl, http) -> None:

@@ -59,9 +59,9 @@ def test_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("soon") is None
 
 
-def test_batch_limit_learns_and_never_grows() -> None:
-    limit = BatchLimit(500)
-    assert limit.learn(100, 500) == 100 and limit.current == 100
-    assert limit.learn(None, 100) == 50  # MDE gave no number: halve
-    assert limit.learn(400, 50) == 49  # never back up, and always below what was refused
+async def test_batch_limit_learns_and_never_grows() -> None:
+    limit = BatchLimit(500)  # no table: this process only
+    assert await limit.learn(100, 500) == 100 and limit.current == 100
+    assert await limit.learn(None, 100) == 50  # MDE gave no number: halve
+    assert await limit.learn(400, 50) == 49  # never back up, and always below what was refused
     assert BatchLimit(3).current == 3

@@ -137,7 +137,7 @@ def test_no_cross_check_between_classification_and_determination() -> None:
 
 def test_outbound_body_applies_enum_overrides() -> None:
     update = AlertUpdate(status="Resolved", determination="NotMalicious", comment="NotMalicious")
-    body = outbound_body([ID1], update, {"NotMalicious": "Clean"})
+    body = outbound_body([ID1], update.fields(), {"NotMalicious": "Clean"})
     assert body == {
         "alertIds": [ID1],
         "status": "Resolved",

@@ -1,0 +1,1 @@
+"""Benchmarks that run against real local services (`python -m bench.<name>`); not part of the tests."""

@@ -1,0 +1,148 @@
+"""Queue-triggered entry points: the inbound requests queue, the chunks worker, and the poison queues.
+
+The inbound queue (REQUESTS_QUEUE, DESIGN §2) takes what other services put on it: a batchUpdate body,
+optionally with `idempotencyKey` (the queue's stand-in for the header), or `{"sentinelIncident": {...}}`.
+It gets the same validation and idempotency as HTTP. A message that can never succeed (invalid) becomes a
+Failed operation with its reasons, whose id is derived from the message id (UUID v5) so a redelivery
+records nothing new, and the message is consumed: raising would only walk it to the poison queue.
+
+None of these handlers raises for a state it can resolve; an exception that does escape (storage down)
+leaves the message to the host's retries and, in the end, to a poison handler here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from shared.errors import FieldError, RequestRejected
+
+log = logging.getLogger(__name__)
+
+# Fixed namespace for operation ids derived from queue message ids (uuid5): same message, same id.
+QUEUE_NAMESPACE = uuid.UUID("6b0f3a52-8d1e-4f4c-9a57-2f1f3c9b7e10")
+IN_PROGRESS_REQUEUE_SECONDS = 5.0
+
+
+def operation_id_for_message(message_id: str) -> str:
+    return str(uuid.uuid5(QUEUE_NAMESPACE, message_id))
+
+
+def _pop_key(document: dict[str, Any]) -> Any:
+    for name in list(document):
+        if name.lower() == "idempotencykey":
+            return document.pop(name)
+    return None
+
+
+async def handle_request_message(message_id: str, body: bytes, dequeue_count: int) -> str:
+    """One inbound message → an accepted operation, a replay, a re-enqueue, or a Failed record."""
+    from shared import runtime
+    from shared.intake import Submission, describe
+    from shared.model import ValidationRules, parse_json_body, validate_batch_update, validate_idempotency_key
+
+    rt = await runtime.ready()
+    settings = rt.settings
+    caller = {"authentication": "queue", "queue": settings.requests_queue, "messageId": message_id}
+    try:
+        document = parse_json_body(body, "application/json", settings.max_body_bytes)
+        if isinstance(document, dict) and any(k.lower() == "sentinelincident" for k in document):
+            raise RequestRejected(400, "Not supported yet", "sentinelIncident messages are not handled yet.",
+                                  [FieldError("sentinelIncident", "is not supported by this version")])  # fmt: skip
+        raw_key = _pop_key(document) if isinstance(document, dict) else None
+        if raw_key is not None and not isinstance(raw_key, str):
+            raise RequestRejected(400, "Invalid idempotencyKey", "idempotencyKey must be a string.",
+                                  [FieldError("idempotencyKey", "must be a string")])  # fmt: skip
+        key = _queue_key(raw_key, validate_idempotency_key)
+        update = validate_batch_update(
+            document, ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
+        )
+    except RequestRejected as exc:
+        return await _record_invalid(message_id, caller, exc)
+    operations_url = "/api/operations/"
+    answer = await rt.intake.submit(
+        Submission(
+            update=update,
+            source="queue",
+            caller=caller,
+            operations_url=operations_url,
+            explicit_key=key,
+            respond_async=True,
+        )
+    )
+    if answer.status == 409:
+        await rt.queues.resend_request(body.decode("utf-8"), IN_PROGRESS_REQUEUE_SECONDS)
+        log.info("inbound message %s: its key is in progress elsewhere; re-enqueued", message_id)
+        return "requeued"
+    if answer.status == 422 and b"idempotency-key-reused" in answer.body:
+        reused = RequestRejected(
+            422,
+            "idempotencyKey reused",
+            "This idempotencyKey was used with another body.",
+            [FieldError("idempotencyKey", "was used before with a different request body")],
+        )
+        return await _record_invalid(message_id, caller, reused)
+    replayed = answer.headers.get("Idempotent-Replayed") == "true"
+    log.info(
+        "inbound message %s: %s%s",
+        message_id,
+        describe(answer),
+        " (replay: nothing sent)" if replayed else "",
+    )
+    return "replayed" if replayed else "accepted"
+
+
+def _queue_key(raw: str | None, validate: Any) -> str | None:
+    try:
+        return validate(raw)  # type: ignore[no-any-return]
+    except RequestRejected as exc:
+        raise RequestRejected(400, "Invalid idempotencyKey", exc.detail.replace("header", "field"),
+                              [FieldError("idempotencyKey", "must be 1-255 visible ASCII characters")]) from None  # fmt: skip
+
+
+async def _record_invalid(message_id: str, caller: dict[str, Any], exc: RequestRejected) -> str:
+    from shared import runtime
+
+    rt = await runtime.ready()
+    operation_id = operation_id_for_message(message_id)
+    errors = [e.as_dict() for e in exc.errors] or [{"field": "body", "message": exc.detail}]
+    await rt.ledger.record_invalid(operation_id, "queue", caller, errors, 400 if exc.status != 422 else 422)
+    log.warning("inbound message %s is invalid; recorded as Failed operation %s: %s", message_id, operation_id,
+                exc.detail)  # fmt: skip
+    return "invalid"
+
+
+async def handle_chunk_message(body: bytes) -> str:
+    from shared import runtime
+
+    rt = await runtime.ready()
+    try:
+        message = json.loads(body)
+        chunk_id, token = str(message["chunk"]), str(message["token"])
+    except (ValueError, KeyError, TypeError):
+        log.error("chunks queue: dropped a message that is not a chunk reference: %r", body[:200])
+        return "malformed"
+    return await rt.sender.on_message(chunk_id, token)
+
+
+async def handle_chunk_poison(body: bytes) -> str:
+    from shared import runtime
+
+    rt = await runtime.ready()
+    try:
+        chunk_id = str(json.loads(body)["chunk"])
+    except (ValueError, KeyError, TypeError):
+        log.error("chunks poison queue: dropped a message that is not a chunk reference: %r", body[:200])
+        return "malformed"
+    return "failed" if await rt.sender.on_poison(chunk_id) else "already-finished"
+
+
+async def handle_request_poison(message_id: str, body: bytes) -> str:
+    """An inbound message that kept failing: a Failed operation says so, with the message id."""
+    caller = {"authentication": "queue", "messageId": message_id}
+    snippet = body[:300].decode("utf-8", errors="replace")
+    exc = RequestRejected(400, "Poison message", f"The message failed repeatedly and reached the poison queue: {snippet}",
+                          [FieldError("body", "failed repeatedly (poison queue)")])  # fmt: skip
+    return await _record_invalid(message_id, caller, exc)

@@ -1,0 +1,522 @@
+"""The operations ledger: every accepted request, its chunks and their outcomes, in one Table partition.
+
+Why one partition: Table Storage makes changes atomic only within a partition (entity-group transactions),
+and three changes here must be atomic:
+
+- Accepting a request: the accept counter moves on (ETag-conditioned), and the operation, its journal
+  entry and all its pending chunks appear at once, numbered in acceptance order. The operation id was
+  fixed when the idempotency key was claimed, so a second attempt to accept the same request (a takeover
+  of a stale claim racing a slow first holder) fails on the operation's insert: a request is accepted
+  at most once.
+- Finishing a chunk: its pending entry is deleted and its result written in one transaction.
+- Splitting a chunk after MaximumBatchSizeExceeded: the entry is replaced by its pieces, which keep its
+  place in the order (their row keys sort right after it).
+
+Row keys (all in partition `ledger`):
+    counter              the next sequence number
+    o-<operationId>      the operation
+    j-<seq>              journal: what a request changed (for derived idempotency keys: A, B, A)
+    p-<seq>[-<n>...]     a pending chunk (the outbox): Pending, or Sending while a call is in flight
+    r-<seq>[-<n>...]     a finished chunk: Succeeded, Failed or OutcomeUnknown
+
+Per-alert order (DESIGN §3) is read from the pending entries: a chunk may be sent only when no pending
+entry with a smaller row key shares an alert with it. Pending entries hold exactly one call's worth of
+ids and one update, the shape a later scheduler can merge (same fields, disjoint alerts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import AlertgateError
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableEntity
+    from azure.data.tables.aio import TableClient
+
+log = logging.getLogger(__name__)
+
+PARTITION = "ledger"
+COUNTER = "counter"
+MAX_TRANSACTION = 100  # operations in one entity-group transaction
+MAX_ENTRIES_PER_ACCEPT = MAX_TRANSACTION - 3  # counter + operation + journal + the chunks
+_SEQ_DIGITS = 12
+
+
+class LedgerConflict(AlertgateError):
+    """Bounded ETag retries ran out (very heavy contention on the accept counter)."""
+
+
+class AlreadyAccepted(AlertgateError):
+    """The operation exists already: another attempt accepted this request first."""
+
+
+class PendingState:
+    PENDING = "Pending"
+    SENDING = "Sending"
+
+
+class ChunkResult:
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    OUTCOME_UNKNOWN = "OutcomeUnknown"
+
+
+def seq_key(seq: int) -> str:
+    return f"{seq:0{_SEQ_DIGITS}d}"
+
+
+def fingerprints(alert_ids: Iterable[str]) -> bytes:
+    """4-byte hashes of alert ids: enough to tell whether two requests touch a common alert.
+
+    A collision only makes a derived key miss a replay (the request is sent again), never the reverse.
+    """
+    return b"".join(hashlib.blake2b(a.encode(), digest_size=4).digest() for a in sorted(set(alert_ids)))
+
+
+def _split_fingerprints(blob: bytes) -> set[bytes]:
+    return {blob[i : i + 4] for i in range(0, len(blob), 4)}
+
+
+@dataclass
+class Operation:
+    operation_id: str
+    created_at: float
+    source: str
+    caller: dict[str, Any]
+    alert_count: int
+    first_seq: int
+    last_seq: int
+    errors: list[dict[str, str]] = field(default_factory=list)
+    invalid_status: int | None = None
+
+    @classmethod
+    def from_entity(cls, e: TableEntity) -> Operation:
+        return cls(
+            operation_id=e["OperationId"],
+            created_at=float(e["CreatedAt"]),
+            source=e["Source"],
+            caller=json.loads(e.get("Caller") or "{}"),
+            alert_count=int(e.get("AlertCount", 0)),
+            first_seq=int(e.get("FirstSeq", 0)),
+            last_seq=int(e.get("LastSeq", -1)),
+            errors=json.loads(e.get("Errors") or "[]"),
+            invalid_status=e.get("InvalidStatus"),
+        )
+
+    def to_entity(self) -> dict[str, Any]:
+        entity: dict[str, Any] = {
+            "PartitionKey": PARTITION,
+            "RowKey": f"o-{self.operation_id}",
+            "OperationId": self.operation_id,
+            "CreatedAt": self.created_at,
+            "Source": self.source,
+            "Caller": json.dumps(self.caller),
+            "AlertCount": self.alert_count,
+            "FirstSeq": self.first_seq,
+            "LastSeq": self.last_seq,
+        }
+        if self.errors:
+            entity["Errors"] = json.dumps(self.errors)[:30000]
+        if self.invalid_status is not None:
+            entity["InvalidStatus"] = self.invalid_status
+        return entity
+
+
+@dataclass
+class Chunk:
+    """A pending chunk (p-) or a finished one (r-): one MDE call's worth of ids and one update."""
+
+    chunk_id: str
+    operation_id: str
+    alert_ids: tuple[str, ...]
+    fields: dict[str, str]
+    created_at: float
+    state: str = PendingState.PENDING
+    attempts: int = 0
+    not_before: float = 0.0
+    sending_since: float = 0.0
+    updated_at: float = 0.0
+    msg_token: str = ""
+    msg_due_at: float = 0.0
+    fresh_token: bool = False
+    last_error: dict[str, Any] | None = None
+    answer_status: int = 0
+    finished_at: float = 0.0
+    etag: str | None = None
+
+    @property
+    def has_comment(self) -> bool:
+        return "comment" in self.fields
+
+    @property
+    def seq(self) -> int:
+        return int(self.chunk_id.split("-", 1)[0])
+
+    @property
+    def pending_key(self) -> str:
+        return f"p-{self.chunk_id}"
+
+    @property
+    def result_key(self) -> str:
+        return f"r-{self.chunk_id}"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (ChunkResult.SUCCEEDED, ChunkResult.FAILED, ChunkResult.OUTCOME_UNKNOWN)
+
+    @classmethod
+    def from_entity(cls, e: TableEntity) -> Chunk:
+        metadata = getattr(e, "metadata", {}) or {}
+        return cls(
+            chunk_id=e["RowKey"][2:],
+            operation_id=e["OperationId"],
+            alert_ids=tuple(json.loads(e["AlertIds"])),
+            fields=json.loads(e.get("Fields") or "{}"),
+            created_at=float(e.get("CreatedAt", 0.0)),
+            state=e.get("State", PendingState.PENDING),
+            attempts=int(e.get("Attempts", 0)),
+            not_before=float(e.get("NotBefore", 0.0)),
+            sending_since=float(e.get("SendingSince", 0.0)),
+            updated_at=float(e.get("UpdatedAt", 0.0)),
+            msg_token=e.get("MsgToken", ""),
+            msg_due_at=float(e.get("MsgDueAt", 0.0)),
+            fresh_token=bool(e.get("FreshToken", False)),
+            last_error=json.loads(e["LastError"]) if e.get("LastError") else None,
+            answer_status=int(e.get("AnswerStatus", 0)),
+            finished_at=float(e.get("FinishedAt", 0.0)),
+            etag=metadata.get("etag"),
+        )
+
+    def _common(self) -> dict[str, Any]:
+        entity: dict[str, Any] = {
+            "PartitionKey": PARTITION,
+            "OperationId": self.operation_id,
+            "AlertIds": json.dumps(list(self.alert_ids), separators=(",", ":")),
+            "Fields": json.dumps(self.fields, ensure_ascii=False, separators=(",", ":")),
+            "CreatedAt": self.created_at,
+            "State": self.state,
+            "Attempts": self.attempts,
+        }
+        if self.last_error is not None:
+            entity["LastError"] = json.dumps(self.last_error, ensure_ascii=False)[:8000]
+        return entity
+
+    def pending_entity(self) -> dict[str, Any]:
+        return {
+            **self._common(),
+            "RowKey": self.pending_key,
+            "NotBefore": self.not_before,
+            "SendingSince": self.sending_since,
+            "UpdatedAt": self.updated_at,
+            "MsgToken": self.msg_token,
+            "MsgDueAt": self.msg_due_at,
+            "FreshToken": self.fresh_token,
+        }
+
+    def result_entity(self) -> dict[str, Any]:
+        return {
+            **self._common(),
+            "RowKey": self.result_key,
+            "AnswerStatus": self.answer_status,
+            "FinishedAt": self.finished_at,
+        }
+
+
+@dataclass(frozen=True)
+class AcceptPlan:
+    """What accepting a request writes: the operation and one chunk per call's worth of ids."""
+
+    operation_id: str
+    source: str
+    caller: dict[str, Any]
+    chunks: Sequence[tuple[tuple[str, ...], dict[str, str]]]
+    digest: str
+
+
+class Ledger:
+    def __init__(self, table: TableClient, clock: Any = time.time) -> None:
+        self._table = table
+        self._clock = clock
+        self._counter: tuple[int, str] | None = None  # (next seq, etag) as last seen
+        self._lock = asyncio.Lock()
+
+    # --- accepting ----------------------------------------------------------------------------------
+
+    async def accept(self, plan: AcceptPlan) -> tuple[Operation, list[Chunk]]:
+        """Number the request's chunks and write operation, journal and chunks in one transaction."""
+        if not 1 <= len(plan.chunks) <= MAX_ENTRIES_PER_ACCEPT:
+            raise ValueError(f"a request is accepted as 1 to {MAX_ENTRIES_PER_ACCEPT} chunks")
+        async with self._lock:
+            for attempt in range(30):
+                first, etag = self._counter or await self._read_counter()
+                operation, chunks, ops = self._accept_operations(plan, first, etag)
+                try:
+                    results = await self._table.submit_transaction(ops)
+                except Exception as exc:  # TableTransactionError, or 412/409 surfaced as another type
+                    self._counter = None
+                    if await self.operation(plan.operation_id) is not None:
+                        raise AlreadyAccepted(plan.operation_id) from exc
+                    if not _is_conflict(exc):
+                        raise
+                    await asyncio.sleep(0.005 * (attempt + 1))
+                    continue
+                self._counter = (operation.last_seq + 1, str(results[0]["etag"]))
+                for chunk, meta in zip(chunks, results[3:], strict=True):
+                    chunk.etag = meta.get("etag")
+                return operation, chunks
+        raise LedgerConflict("could not advance the accept counter after 30 attempts")
+
+    def _accept_operations(
+        self, plan: AcceptPlan, first: int, etag: str
+    ) -> tuple[Operation, list[Chunk], list[Any]]:
+        from azure.core import MatchConditions
+        from azure.data.tables import UpdateMode
+
+        now = self._clock()
+        last = first + len(plan.chunks) - 1
+        all_ids = [a for ids, _ in plan.chunks for a in ids]
+        operation = Operation(plan.operation_id, now, plan.source, plan.caller, len(all_ids), first, last)
+        chunks = [
+            Chunk(seq_key(first + i), plan.operation_id, ids, dict(fields), now, updated_at=now)
+            for i, (ids, fields) in enumerate(plan.chunks)
+        ]
+        counter = {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": last + 1}
+        journal = {
+            "PartitionKey": PARTITION,
+            "RowKey": f"j-{seq_key(first)}",
+            "Digest": plan.digest,
+            "Fingerprints": fingerprints(all_ids),
+            "AcceptedAt": now,
+            "OperationId": plan.operation_id,
+        }
+        ops: list[Any] = [
+            (
+                "update",
+                counter,
+                {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified},
+            ),
+            ("create", operation.to_entity()),
+            ("create", journal),
+        ]
+        ops += [("create", c.pending_entity()) for c in chunks]
+        return operation, chunks, ops
+
+    async def _read_counter(self) -> tuple[int, str]:
+        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+        for _ in range(5):
+            try:
+                entity = await self._table.get_entity(PARTITION, COUNTER)
+                return int(entity["Next"]), str(entity.metadata["etag"])
+            except ResourceNotFoundError:
+                try:
+                    meta = await self._table.create_entity(
+                        {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": 1}
+                    )
+                    return 1, str(meta["etag"])
+                except ResourceExistsError:
+                    continue
+        raise LedgerConflict("could not read or create the accept counter")
+
+    async def record_invalid(
+        self,
+        operation_id: str,
+        source: str,
+        caller: dict[str, Any],
+        errors: list[dict[str, str]],
+        status: int,
+    ) -> Operation:
+        """A request found invalid off the HTTP path (the inbound queue): a Failed operation, no chunks."""
+        from azure.core.exceptions import ResourceExistsError
+
+        operation = Operation(operation_id, self._clock(), source, caller, 0, 0, -1, errors, status)
+        try:
+            await self._table.create_entity(operation.to_entity())
+        except ResourceExistsError:
+            existing = await self.operation(operation_id)
+            assert existing is not None
+            return existing
+        return operation
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    async def operation(self, operation_id: str) -> Operation | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return Operation.from_entity(await self._table.get_entity(PARTITION, f"o-{operation_id}"))
+        except ResourceNotFoundError:
+            return None
+
+    async def chunks_of(self, operation: Operation) -> list[Chunk]:
+        """Pending and finished chunks of an operation, in order (finished ones win if both exist)."""
+        if operation.last_seq < operation.first_seq:
+            return []
+        lo, hi = seq_key(operation.first_seq), seq_key(operation.last_seq + 1)
+        pending, finished = await asyncio.gather(
+            self._range(f"p-{lo}", f"p-{hi}"), self._range(f"r-{lo}", f"r-{hi}")
+        )
+        by_id = {c.chunk_id: c for c in pending}
+        by_id.update({c.chunk_id: c for c in finished})
+        return [by_id[k] for k in sorted(by_id)]
+
+    async def _range(self, lo: str, hi: str, select: list[str] | None = None) -> list[Chunk]:
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        entities = self._table.query_entities(
+            query, parameters={"pk": PARTITION, "lo": lo, "hi": hi}, select=select
+        )
+        return [Chunk.from_entity(e) async for e in entities]
+
+    async def pending_chunk(self, chunk_id: str) -> Chunk | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return Chunk.from_entity(await self._table.get_entity(PARTITION, f"p-{chunk_id}"))
+        except ResourceNotFoundError:
+            return None
+
+    async def finished_chunk(self, chunk_id: str) -> Chunk | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return Chunk.from_entity(await self._table.get_entity(PARTITION, f"r-{chunk_id}"))
+        except ResourceNotFoundError:
+            return None
+
+    async def all_pending(self) -> list[Chunk]:
+        return await self._range("p-", "p.")
+
+    async def blocked_by_earlier(self, chunk: Chunk) -> Chunk | None:
+        """The first pending chunk accepted before this one that touches one of its alerts, if any."""
+        mine = set(chunk.alert_ids)
+        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        entities = self._table.query_entities(
+            query,
+            parameters={"pk": PARTITION, "lo": "p-", "hi": chunk.pending_key},
+            select=["RowKey", "OperationId", "AlertIds"],
+        )
+        async for entity in entities:
+            if mine.intersection(json.loads(entity["AlertIds"])):
+                return Chunk(entity["RowKey"][2:], entity["OperationId"], (), {}, 0.0)
+        return None
+
+    async def changed_since(self, seq: int, digest: str, alert_ids: Iterable[str]) -> bool:
+        """Was a different update for any of these alerts accepted after `seq`? (derived keys: A, B, A)"""
+        mine = _split_fingerprints(fingerprints(alert_ids))
+        query = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
+        entities = self._table.query_entities(
+            query,
+            parameters={"pk": PARTITION, "lo": f"j-{seq_key(seq)}", "hi": "j."},
+            select=["Digest", "Fingerprints"],
+        )
+        async for entity in entities:
+            if entity["Digest"] != digest and mine & _split_fingerprints(bytes(entity["Fingerprints"])):
+                return True
+        return False
+
+    # --- changing a pending chunk ------------------------------------------------------------------------
+
+    async def update_pending(self, chunk: Chunk, **changes: Any) -> Chunk | None:
+        """Change a pending chunk if nobody else did since it was read; None if someone did (or it ended)."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+        from azure.data.tables import UpdateMode
+
+        updated = Chunk(**{**chunk.__dict__, **changes, "updated_at": self._clock()})
+        try:
+            meta = await self._table.update_entity(
+                updated.pending_entity(),
+                mode=UpdateMode.REPLACE,
+                etag=chunk.etag,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except ResourceNotFoundError:
+            return None
+        except HttpResponseError as exc:
+            if exc.status_code == 412:
+                return None
+            raise
+        updated.etag = meta["etag"]
+        return updated
+
+    async def finish(
+        self, chunk: Chunk, result: str, answer_status: int, error: dict[str, Any] | None
+    ) -> Chunk:
+        """Move a chunk from pending to finished in one transaction (idempotent: a second finish is a no-op)."""
+        now = self._clock()
+        done = Chunk(
+            **{**chunk.__dict__, "state": result, "answer_status": answer_status, "last_error": error,
+               "finished_at": now, "updated_at": now}
+        )  # fmt: skip
+        ops: list[Any] = [
+            ("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key}),
+            ("upsert", done.result_entity()),
+        ]
+        try:
+            await self._table.submit_transaction(ops)
+        except Exception:
+            existing = await self.finished_chunk(chunk.chunk_id)
+            if existing is not None:
+                return existing
+            raise
+        return done
+
+    async def split(self, chunk: Chunk, size: int) -> list[Chunk]:
+        """Replace a pending chunk by pieces of at most `size` ids that keep its place in the order."""
+        from azure.core import MatchConditions
+
+        size = max(size, -(-len(chunk.alert_ids) // (MAX_TRANSACTION - 1)))  # one delete + the pieces
+        pieces = [chunk.alert_ids[i : i + size] for i in range(0, len(chunk.alert_ids), size)]
+        now = self._clock()
+        new = [
+            Chunk(f"{chunk.chunk_id}-{n:03d}", chunk.operation_id, ids, dict(chunk.fields), chunk.created_at,
+                  attempts=0, updated_at=now, not_before=0.0)
+            for n, ids in enumerate(pieces)
+        ]  # fmt: skip
+        ops: list[Any] = [
+            ("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key},
+             {"etag": chunk.etag, "match_condition": MatchConditions.IfNotModified}),
+        ]  # fmt: skip
+        ops += [("create", c.pending_entity()) for c in new]
+        results = await self._table.submit_transaction(ops)
+        for piece, meta in zip(new, results[1:], strict=True):
+            piece.etag = meta.get("etag")
+        return new
+
+    # --- purging -------------------------------------------------------------------------------------------
+
+    async def purge(self, operations_before: float, journal_before: float) -> int:
+        """Delete operations and results older than the key TTL, and journal entries past the derived TTL."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        removed = 0
+        plans = (("o-", "o.", "CreatedAt", operations_before), ("r-", "r.", "FinishedAt", operations_before),
+                 ("j-", "j.", "AcceptedAt", journal_before))  # fmt: skip
+        for lo, hi, stamp, before in plans:
+            query = f"PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and {stamp} lt @before"
+            params = {"pk": PARTITION, "lo": lo, "hi": hi, "before": before}
+            async for entity in self._table.query_entities(query, parameters=params, select=["RowKey"]):
+                try:
+                    await self._table.delete_entity(PARTITION, entity["RowKey"])
+                    removed += 1
+                except ResourceNotFoundError:
+                    pass
+        return removed
+
+
+def _is_conflict(exc: Exception) -> bool:
+    status = getattr(exc, "status_code", None)
+    return status in (409, 412) or "UpdateConditionNotSatisfied" in str(exc) or "ConditionNotMet" in str(exc)
+
+
+def new_operation_id() -> str:
+    return str(uuid.uuid4())

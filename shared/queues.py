@@ -1,0 +1,84 @@
+"""Storage queue clients: the internal chunks queue, the inbound requests queue, and their depths.
+
+Messages are base64-encoded, as the Functions host's default `messageEncoding` expects (DESIGN §2).
+A message's visibility delay is how the chunks worker waits (for budget, for an earlier update of the
+same alert, for a retry's back-off) without holding an instance or burning dequeue attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+    from azure.storage.queue.aio import QueueClient
+
+    from shared.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+
+MAX_VISIBILITY_DELAY = 7 * 24 * 3600 - 1  # Storage's limit for a message's initial invisibility
+
+
+def queue_client(storage: StorageSettings, credential: AsyncTokenCredential | None, name: str) -> QueueClient:
+    from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
+    from azure.storage.queue.aio import QueueClient
+
+    policies: dict[str, Any] = {
+        "message_encode_policy": TextBase64EncodePolicy(),
+        "message_decode_policy": TextBase64DecodePolicy(),
+    }
+    if storage.connection_string:
+        return QueueClient.from_connection_string(storage.connection_string, name, **policies)
+    assert storage.queue_service_uri is not None and credential is not None  # settings guarantee both
+    return QueueClient(storage.queue_service_uri, name, credential=credential, **policies)
+
+
+class Queues:
+    """The queues alertgate writes to, created once per process."""
+
+    def __init__(self, chunks: QueueClient, requests: QueueClient, chunks_poison: QueueClient) -> None:
+        self.chunks = chunks
+        self.requests = requests
+        self.chunks_poison = chunks_poison
+
+    def all(self) -> list[QueueClient]:
+        return [self.chunks, self.requests, self.chunks_poison]
+
+    async def ensure_exist(self) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        async def create(client: QueueClient) -> None:
+            with contextlib.suppress(ResourceExistsError):
+                await client.create_queue()
+
+        await asyncio.gather(*(create(q) for q in self.all()))
+
+    async def send_chunk(self, chunk_id: str, token: str, delay: float) -> None:
+        body = json.dumps({"chunk": chunk_id, "token": token})
+        await self.chunks.send_message(body, visibility_timeout=_delay(delay))
+
+    async def resend_request(self, content: str, delay: float) -> None:
+        await self.requests.send_message(content, visibility_timeout=_delay(delay))
+
+    async def depths(self) -> dict[str, int]:
+        async def depth(client: QueueClient) -> int:
+            properties = await client.get_queue_properties()
+            return int(properties.approximate_message_count or 0)
+
+        counts = await asyncio.gather(*(depth(q) for q in self.all()))
+        return {q.queue_name: n for q, n in zip(self.all(), counts, strict=True)}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(q.close() for q in self.all()))
+
+
+def _delay(seconds: float) -> int | None:
+    """Whole seconds (Storage's unit), rounded up so a message never comes back early."""
+    if seconds <= 0:
+        return None
+    return min(MAX_VISIBILITY_DELAY, int(-(-seconds // 1)))
