@@ -125,7 +125,12 @@ async def health(request: ApiRequest) -> ApiResponse:
     from shared import runtime
 
     rt = await runtime.runtime()
-    probes = {"storage": _storage_check(rt), "token": _token_check(rt), "budget": _budget(rt), "queues": _queues(rt)}
+    probes = {
+        "storage": _storage_check(rt),
+        "token": _token_check(rt),
+        "budget": _budget(rt),
+        "queues": _queues(rt),
+    }
     results = await asyncio.gather(*(_probe(p) for p in probes.values()))
     checks = dict(zip(probes, results, strict=True))
     healthy = all(c["ok"] for c in checks.values())

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
 MAX_BACKOFF_SECONDS = 300.0
-WORKER_BUDGET_WAIT_SECONDS = 1.0  # short waits are cheaper in process than as a message round trip
+WORKER_BUDGET_WAIT_SECONDS = 1.0
+STALE_GRANT_RETRY_SECONDS = 0.1  # short waits are cheaper in process than as a message round trip
 
 ROLE_HINT = (
     "alertgate's identity needs the Alert.ReadWrite.All application role of WindowsDefenderATP "
@@ -129,6 +130,8 @@ class Sender:
             )
             if sending is None:
                 return Attempt(AttemptKind.LOST, chunk)
+            if self._clock() - grant.at > self.max_grant_age:
+                return await self._grant_went_stale(sending)
             body = outbound_body(sending.alert_ids, sending.fields, self.settings.defender_enum_overrides)
             result, _token = await self.client.send(body, fresh_token=sending.fresh_token)
             if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
@@ -143,6 +146,27 @@ class Sender:
                 chunk, max_wait = retry, 0.0
                 continue
             return await self._record(sending, result)
+
+    @property
+    def max_grant_age(self) -> float:
+        """How old a grant may be when its call starts.
+
+        The limiter counts a call when it grants it, MDE when the call arrives; between the two lies the
+        write that marks the chunk Sending. The safety margin covers that lag only while it is short, so a
+        grant older than half the margin is given up (spending budget without calling is always safe) and
+        the chunk tried again. With no margin the operator accepted the lag: no check.
+        """
+        margin = self.settings.rate_limit_safety_margin_seconds
+        return margin / 2 if margin > 0 else float("inf")
+
+    async def _grant_went_stale(self, sending: Chunk) -> Attempt:
+        log.info("chunk %s: grant too old when its call would start; trying again", sending.chunk_id)
+        pending = await self.ledger.update_pending(
+            sending, state=PendingState.PENDING, sending_since=0.0, attempts=sending.attempts - 1
+        )
+        if pending is None:
+            return Attempt(AttemptKind.LOST, sending)
+        return Attempt(AttemptKind.DEFERRED, pending, STALE_GRANT_RETRY_SECONDS)
 
     async def _split(self, chunk: Chunk, size: int) -> Attempt:
         pieces = await self.ledger.split(chunk, size)

@@ -147,15 +147,15 @@ class Intake:
                 await self.sender.schedule(chunk, 0.0)
             return chunks
         deadline = self._clock() + self.settings.sync_max_wait_seconds
-        todo, seen = list(chunks), []
+        todo, seen = list(chunks), list[Chunk]()
         while todo:
             chunk = todo.pop(0)
             remaining = deadline - self._clock()
-            if remaining < 0:
+            if remaining < 0 and seen:  # the first chunk is always tried (without waiting, if need be)
                 await self.sender.schedule(chunk, 0.0)
                 seen.append(chunk)
                 continue
-            attempt = await self.sender.attempt(chunk, max_wait=remaining)
+            attempt = await self.sender.attempt(chunk, max_wait=max(0.0, remaining))
             if attempt.kind is AttemptKind.SPLIT:
                 todo[:0] = attempt.pieces
                 continue

@@ -46,11 +46,13 @@ class HostPool:
         self._azurite = azurite
         self._emulators = emulators
         self._hosts: dict[tuple[tuple[str, str], ...], Service] = {}
+        self._others: list[Service] = []
+        self._extra = 0
 
     def env(self, overrides: dict[str, str]) -> dict[str, str]:
         """Each host gets its own tables and queues (hosts share one Azurite), a budget that does not get
         in the way unless a test sets one, and no derived keys unless a test wants them."""
-        tag = f"t{len(self._hosts)}{uuid.uuid4().hex[:6]}"
+        tag = f"t{uuid.uuid4().hex[:8]}"
         isolated = {
             "TABLE_PREFIX": tag,
             "CHUNKS_QUEUE": f"chunks-{tag}",
@@ -77,11 +79,25 @@ class HostPool:
             self._hosts[key] = host
         return host
 
+    def fresh(self, **overrides: str) -> tuple[Service, dict[str, str]]:
+        """A host of its own (not shared with other tests) and its environment, for tests that kill or
+        clone hosts; the test stops it (or leaves it to `stop_all`)."""
+        env = self.env(overrides)
+        return self.start(env), env
+
+    def start(self, env: dict[str, str]) -> Service:
+        """Another host process with exactly this environment: same tables and queues as its peers,
+        like one more instance of the same function app."""
+        self._extra += 1
+        host = start_devhost(self._log_dir, env, name=f"devhost-{env['TABLE_PREFIX']}-{self._extra}")
+        self._others.append(host)
+        return host
+
     def url(self, path: str, **overrides: str) -> str:
         return self.get(**overrides).urls["base"] + path
 
     def stop_all(self) -> None:
-        for host in self._hosts.values():
+        for host in [*self._hosts.values(), *self._others]:
             host.stop()
 
 

@@ -7,49 +7,18 @@ MDE emulator over loopback. Assertions read what the emulator recorded.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import aiohttp
 import pytest
 
 from emulators.control import EmulatorControl
 from tests.conftest import HostPool
 from tests.examples import ID1, ID2, MICROSOFT_EXAMPLE
+from tests.integration.helpers import post, sent_bodies, wait_for_operation
 
 IDS = [f"da6373997940502735{i:02d}_{1000 + i}" for i in range(10)]
-JSON = {"Content-Type": "application/json"}
 MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
-
-
-async def post(
-    http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], Any]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(url, data=data, headers={**JSON, **(headers or {})}) as response:
-        text = await response.text()
-        return response.status, dict(response.headers), json.loads(text) if text else None
-
-
-async def wait_for_operation(
-    http: aiohttp.ClientSession, location: str, within: float = 30.0
-) -> tuple[int, dict[str, Any]]:
-    """Poll an operation as a Logic App would, until it is no longer 202 (bounded in time)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        async with http.get(location) as response:
-            body = await response.json(content_type=None)
-            if response.status != 202:
-                return response.status, body
-            assert "Retry-After" in response.headers and response.headers["Location"] == location
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"operation still running after {within}s: {body}")
-        await asyncio.sleep(0.2)
-
-
-def sent_bodies(calls: list[dict[str, Any]]) -> list[Any]:
-    return [json.loads(c["body"]) for c in calls]
 
 
 async def test_microsoft_example_is_forwarded_exactly(hosts: HostPool, ctl: EmulatorControl, http) -> None:
