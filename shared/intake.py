@@ -125,6 +125,7 @@ class Intake:
         plan = AcceptPlan(
             record.operation_id, sub.source, sub.caller,
             plan_chunks(sub.update.alert_ids, fields, limit, MAX_ENTRIES_PER_ACCEPT), record.digest,
+            hold_seconds=self.keys.claim_lease,
         )  # fmt: skip
         try:
             operation, chunks = await self.ledger.accept(plan)

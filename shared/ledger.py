@@ -240,6 +240,8 @@ class AcceptPlan:
     caller: dict[str, Any]
     chunks: Sequence[tuple[tuple[str, ...], dict[str, str]]]
     digest: str
+    # How long the accepting request keeps its chunks to itself before the sweep may queue them.
+    hold_seconds: float = 0.0
 
 
 class Ledger:
@@ -286,7 +288,15 @@ class Ledger:
         all_ids = [a for ids, _ in plan.chunks for a in ids]
         operation = Operation(plan.operation_id, now, plan.source, plan.caller, len(all_ids), first, last)
         chunks = [
-            Chunk(seq_key(first + i), plan.operation_id, ids, dict(fields), now, updated_at=now)
+            Chunk(
+                seq_key(first + i),
+                plan.operation_id,
+                ids,
+                dict(fields),
+                now,
+                updated_at=now,
+                msg_due_at=now + plan.hold_seconds,
+            )  # fmt: skip
             for i, (ids, fields) in enumerate(plan.chunks)
         ]
         counter = {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": last + 1}

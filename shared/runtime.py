@@ -103,7 +103,9 @@ async def build_runtime(settings: Settings) -> Runtime:
         tables.keys,
         explicit_ttl=settings.idempotency_ttl_seconds,
         derived_ttl=settings.derived_key_ttl_seconds,
-        claim_lease=settings.sync_max_wait_seconds + 2 * settings.defender_http_timeout_seconds + 30,
+        claim_lease=settings.sync_max_wait_seconds
+        + 2 * settings.defender_http_timeout_seconds
+        + settings.sweep_grace_seconds,
     )
     sender = Sender(settings, ledger, limiter, defender, batch_limit, queues)
     intake = Intake(settings, keys, ledger, sender)
