@@ -104,11 +104,20 @@ def update(ids: list[str], with_comment: bool) -> dict[str, Any]:
     return body
 
 
-async def kill_and_replace(hosts: HostPool, dying: Service, env: dict[str, str]) -> Service:
-    """SIGKILL the instance (no clean-up runs, as in a crash), then start another with the same settings."""
+async def kill_and_replace(
+    hosts: HostPool, ctl: EmulatorControl, dying: Service, env: dict[str, str], held: dict[str, Any]
+) -> tuple[Service, list[dict[str, Any]]]:
+    """SIGKILL the instance (no clean-up runs, as in a crash) and start another with the same settings.
+
+    Also returns the emulator's calls as they were at the kill, before the new instance could add any,
+    after checking that the kill landed between send and record: the held call was still in flight."""
     await asyncio.to_thread(dying.kill)
     assert not dying.alive()
-    return await asyncio.to_thread(hosts.start, env)
+    at_kill = await ctl.calls()
+    assert [c["seq"] for c in at_kill if c["status"] is None] == [held["seq"]], (
+        "precondition: one call in flight"
+    )
+    return await asyncio.to_thread(hosts.start, env), at_kill
 
 
 async def check_resolution(
@@ -159,8 +168,9 @@ async def test_worker_killed_between_send_and_record_on_the_queue_path(
     status, _headers, body = await post(http, first.urls["base"] + BATCH, update(ids, with_comment), ASYNC)
     assert status == 202, body
     held = await call_in_flight(ctl)
-    second = await kill_and_replace(hosts, first, env)
+    second, at_kill = await kill_and_replace(hosts, ctl, first, env, held)
     own_hosts.append(second)
+    assert len(at_kill) == 1
 
     location = f"{second.urls['base']}/api/operations/{body['operationId']}"
     final, resource = await wait_for_operation(http, location, within=20)
@@ -188,8 +198,9 @@ async def test_http_request_killed_between_send_and_record_on_the_synchronous_pa
     request = asyncio.create_task(post(http, first.urls["base"] + BATCH, body, {"Idempotency-Key": key}))
     held = await call_in_flight(ctl)
     assert held["json"] == body
-    second = await kill_and_replace(hosts, first, env)
+    second, at_kill = await kill_and_replace(hosts, ctl, first, env, held)
     own_hosts.append(second)
+    assert len(at_kill) == 1
     with pytest.raises(aiohttp.ClientError):
         await request  # the caller's POST died with the instance
 
@@ -233,10 +244,9 @@ async def test_nothing_accepted_is_lost_when_an_instance_dies_mid_backlog(
     answers = await asyncio.gather(*(post(http, first.urls["base"] + BATCH, r, ASYNC) for r in requests))
     assert all(a[0] == 202 for a in answers), answers
     held = await call_in_flight(ctl)
-    second = await kill_and_replace(hosts, first, env)
+    second, at_kill = await kill_and_replace(hosts, ctl, first, env, held)
     own_hosts.append(second)
-    at_kill = await ctl.calls()
-    assert 1 <= len(at_kill) <= 5 and [c["seq"] for c in at_kill if c["status"] is None] == [held["seq"]]
+    assert len(at_kill) <= 5, "precondition: killed within the first budget's worth of calls"
 
     operations = [f"{second.urls['base']}/api/operations/{body['operationId']}" for _, _, body in answers]
     finals = await asyncio.gather(*(wait_for_operation(http, loc, within=60) for loc in operations))
