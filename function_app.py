@@ -40,6 +40,11 @@ async def batch_update(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.batch_update, _request(req)))
 
 
+@app.route(route="sentinel/incidents", methods=["POST"])
+async def sentinel_incident(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(await api.guarded(api.sentinel_incident, _request(req)))
+
+
 @app.route(route="operations/{operationId}", methods=["GET"])
 async def get_operation(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.get_operation, _request(req)))

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from shared.errors import RequestRejected
+from shared.errors import FieldError, RequestRejected
 from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,12 @@ def caller_of(request: ApiRequest) -> dict[str, Any]:
     name = request.header("X-MS-CLIENT-PRINCIPAL-NAME")
     principal_id = request.header("X-MS-CLIENT-PRINCIPAL-ID")
     if name or principal_id:
-        return {"authentication": "entra", "principalName": name, "principalId": principal_id,
-                "identityProvider": request.header("X-MS-CLIENT-PRINCIPAL-IDP")}  # fmt: skip
+        return {
+            "authentication": "entra",
+            "principalName": name,
+            "principalId": principal_id,
+            "identityProvider": request.header("X-MS-CLIENT-PRINCIPAL-IDP"),
+        }
     return {"authentication": "functionKey"}
 
 
@@ -87,9 +91,14 @@ async def batch_update(request: ApiRequest) -> ApiResponse:
     rt = await runtime.ready()
     base, query = operations_url(request)
     submission = Submission(
-        update=update, source="http", caller=caller_of(request), operations_url=base, location_query=query,
-        explicit_key=key, respond_async=wants_async(request),
-    )  # fmt: skip
+        update=update,
+        source="http",
+        caller=caller_of(request),
+        operations_url=base,
+        location_query=query,
+        explicit_key=key,
+        respond_async=wants_async(request),
+    )
     return await rt.intake.submit(submission)
 
 
@@ -104,9 +113,13 @@ async def get_operation(request: ApiRequest) -> ApiResponse:
     rt = await runtime.ready()
     operation = await rt.ledger.operation(operation_id) if is_operation_id(operation_id) else None
     if operation is None:
-        return problem(404, "operation-not-found", "No such operation",
-                       f"There is no operation {operation_id!r} (operations are kept for "
-                       f"{rt.settings.idempotency_ttl_seconds:g} seconds).")  # fmt: skip
+        return problem(
+            404,
+            "operation-not-found",
+            "No such operation",
+            f"There is no operation {operation_id!r} (operations are kept for "
+            f"{rt.settings.idempotency_ttl_seconds:g} seconds).",
+        )
     chunks = await rt.ledger.chunks_of(operation)
     state = status_of(operation, chunks)
     document = resource(operation, chunks)
@@ -167,10 +180,100 @@ async def _token_check(rt: Any) -> dict[str, Any]:
 
 async def _budget(rt: Any) -> dict[str, Any]:
     snapshot = await rt.limiter.snapshot()
-    windows = [{"calls": w.calls, "seconds": w.seconds, "used": w.used, "remaining": w.remaining}
-               for w in snapshot.windows]  # fmt: skip
+    windows = [
+        {"calls": w.calls, "seconds": w.seconds, "used": w.used, "remaining": w.remaining}
+        for w in snapshot.windows
+    ]
     return {"ok": True, "windows": windows, "blockedUntil": snapshot.blocked_until}
 
 
 async def _queues(rt: Any) -> dict[str, Any]:
     return {"ok": True, "depths": await rt.queues.depths()}
+
+
+# --- POST /api/sentinel/incidents --------------------------------------------------------------------
+
+
+async def sentinel_incident(request: ApiRequest) -> ApiResponse:
+    from shared import runtime
+    from shared.model import parse_json_body
+
+    settings = runtime.settings()
+    document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
+    base, query = operations_url(request)
+    return await submit_incident(
+        document, caller_of(request), base, query, respond_async=wants_async(request)
+    )
+
+
+async def submit_incident(
+    document: Any,
+    caller: dict[str, Any],
+    operations_base: str,
+    location_query: str = "",
+    *,
+    respond_async: bool = False,
+) -> ApiResponse:
+    """One Sentinel incident → one batchUpdate for its MDE alerts, with a key derived from the incident."""
+    from shared import runtime
+    from shared.intake import Submission
+    from shared.model import ValidationRules, validate_batch_update
+    from shared.sentinel import (
+        OUTCOME_ALERTS_NOT_IN_PAYLOAD,
+        OUTCOME_NO_DEFENDER_ALERTS,
+        parse_incident,
+        plan_update,
+    )
+
+    settings = runtime.settings()
+    incident = parse_incident(document)
+    plan = plan_update(incident, runtime.sentinel_mapping(), settings.sentinel_default_assignee)
+    about = {
+        "incident": {"id": incident.arm_id, "number": incident.number, "title": incident.title},
+        "skippedAlerts": [
+            {
+                "productName": a.product_name,
+                "providerAlertId": a.provider_alert_id,
+                "systemAlertId": a.system_alert_id,
+            }
+            for a in incident.skipped
+        ],
+    }
+    if plan.outcome == OUTCOME_NO_DEFENDER_ALERTS:
+        return json_response(200, {"status": "NoDefenderAlerts", **about})
+    if plan.outcome == OUTCOME_ALERTS_NOT_IN_PAYLOAD:
+        where = incident.provider_incident_url or "the incident in the Microsoft Defender portal"
+        return problem(
+            422,
+            "alerts-not-in-payload",
+            "The incident's alerts are not in the payload",
+            f"The incident reports {incident.alerts_count} alert(s) but the payload carries none (Defender-portal "
+            f"incidents arrive like this), so nothing was sent. Close its alerts at {where}.",
+            errors=[
+                FieldError(
+                    "properties.alerts",
+                    f"is empty while additionalData.alertsCount is {incident.alerts_count}",
+                )
+            ],
+            extra={
+                **about,
+                "alertsCount": incident.alerts_count,
+                "providerIncidentUrl": incident.provider_incident_url,
+            },
+        )
+    assert plan.body is not None  # an Update plan always has a body
+    update = validate_batch_update(
+        plan.body, ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
+    )
+    rt = await runtime.ready()
+    submission = Submission(
+        update=update,
+        source="sentinel",
+        caller=caller,
+        operations_url=operations_base,
+        location_query=location_query,
+        explicit_key=plan.idempotency_key,
+        respond_async=respond_async,
+        extra=about,
+    )
+    return await rt.intake.submit(submission)

@@ -109,8 +109,9 @@ class DefenderClient:
         self._url = url
         self._timeout = timeout
 
-    async def send(self, body: dict[str, Any], *, fresh_token: bool = False, rejected_token: str | None = None
-                   ) -> tuple[CallResult, str | None]:  # fmt: skip
+    async def send(
+        self, body: dict[str, Any], *, fresh_token: bool = False, rejected_token: str | None = None
+    ) -> tuple[CallResult, str | None]:
         """One call; returns the result and the token used (so a 401 can name it for refresh)."""
         try:
             token = await (self._tokens.refresh(rejected_token) if fresh_token else self._tokens.token())
@@ -285,9 +286,11 @@ class BatchLimit:
                 return
             try:
                 await self._table.update_entity(
-                    {"PartitionKey": pk, "RowKey": rk, "Allowed": allowed}, mode=UpdateMode.REPLACE,
-                    etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified,
-                )  # fmt: skip
+                    {"PartitionKey": pk, "RowKey": rk, "Allowed": allowed},
+                    mode=UpdateMode.REPLACE,
+                    etag=entity.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                )
                 return
             except HttpResponseError as exc:
                 if exc.status_code != 412:

@@ -268,10 +268,14 @@ class Sender:
 
     async def resolve_stale_send(self, chunk: Chunk) -> Attempt | None:
         """A call was marked Sending and never recorded (the process died): its outcome is unknown."""
-        log.warning("chunk %s was sent at %.3f and never recorded: outcome unknown", chunk.chunk_id,
-                    chunk.sending_since)  # fmt: skip
-        error = UpstreamError(None, "OutcomeUnknown",
-                              "alertgate stopped between sending this chunk and recording MDE's answer")  # fmt: skip
+        log.warning(
+            "chunk %s was sent at %.3f and never recorded: outcome unknown",
+            chunk.chunk_id,
+            chunk.sending_since,
+        )
+        error = UpstreamError(
+            None, "OutcomeUnknown", "alertgate stopped between sending this chunk and recording MDE's answer"
+        )
         result = CallResult(CallKind.OUTCOME_UNKNOWN, error)
         if chunk.has_comment and not self.settings.resend_unknown_with_comment:
             return await self._finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, error.as_dict())
@@ -301,14 +305,19 @@ class Sender:
         chunk = await self.ledger.pending_chunk(chunk_id)
         if chunk is None:
             return False
-        error = {"httpStatus": None, "code": "PoisonMessage", "target": None,
-                 "message": "The chunk's queue message failed repeatedly and reached the poison queue."}  # fmt: skip
+        error = {
+            "httpStatus": None,
+            "code": "PoisonMessage",
+            "target": None,
+            "message": "The chunk's queue message failed repeatedly and reached the poison queue.",
+        }
         await self.ledger.finish(chunk, ChunkResult.FAILED, 502, chunk.last_error or error)
         return True
 
 
-def plan_chunks(alert_ids: tuple[str, ...], fields: dict[str, str], limit: int, max_entries: int
-                ) -> list[tuple[tuple[str, ...], dict[str, str]]]:  # fmt: skip
+def plan_chunks(
+    alert_ids: tuple[str, ...], fields: dict[str, str], limit: int, max_entries: int
+) -> list[tuple[tuple[str, ...], dict[str, str]]]:
     """Chunks of at most `limit` ids, fewer and larger if the request would need more than `max_entries`
     (the attempt splits those by the limit before sending, keeping their place in the order)."""
     size = max(limit, math.ceil(len(alert_ids) / max_entries))

@@ -96,8 +96,11 @@ class KeyRecord:
     def from_entity(cls, key: IdempotencyKey, e: TableEntity) -> KeyRecord:
         response = None
         if e.get("ResponseStatus") is not None:
-            response = StoredResponse(int(e["ResponseStatus"]), json.loads(e.get("ResponseHeaders") or "{}"),
-                                      e.get("ResponseBody") or "")  # fmt: skip
+            response = StoredResponse(
+                int(e["ResponseStatus"]),
+                json.loads(e.get("ResponseHeaders") or "{}"),
+                e.get("ResponseBody") or "",
+            )
         return cls(
             key=key,
             state=e["State"],
@@ -193,14 +196,22 @@ class IdempotencyStore:
 
     async def take_over(self, stale: KeyRecord) -> KeyRecord | None:
         """Renew a stale claim for the same operation (its holder went quiet before accepting)."""
-        record = KeyRecord(stale.key, KeyState.IN_PROGRESS, stale.digest, stale.operation_id, self._clock(),
-                           stale.expires_at)  # fmt: skip
+        record = KeyRecord(
+            stale.key, KeyState.IN_PROGRESS, stale.digest, stale.operation_id, self._clock(), stale.expires_at
+        )
         return await self._write_if_unchanged(record, stale.etag)
 
     async def complete(self, record: KeyRecord, response: StoredResponse) -> KeyRecord | None:
         """Store the first response. None if the record changed meanwhile (a takeover answered first)."""
-        done = KeyRecord(record.key, KeyState.COMPLETED, record.digest, record.operation_id, record.claimed_at,
-                         record.expires_at, response)  # fmt: skip
+        done = KeyRecord(
+            record.key,
+            KeyState.COMPLETED,
+            record.digest,
+            record.operation_id,
+            record.claimed_at,
+            record.expires_at,
+            response,
+        )
         return await self._write_if_unchanged(done, record.etag)
 
     async def release(self, record: KeyRecord) -> None:
@@ -240,8 +251,9 @@ class IdempotencyStore:
         from azure.core.exceptions import ResourceNotFoundError
 
         removed = 0
-        entities = self._table.query_entities("ExpiresAt lt @before", parameters={"before": before},
-                                              select=["PartitionKey", "RowKey"])  # fmt: skip
+        entities = self._table.query_entities(
+            "ExpiresAt lt @before", parameters={"before": before}, select=["PartitionKey", "RowKey"]
+        )
         async for entity in entities:
             try:
                 await self._table.delete_entity(entity["PartitionKey"], entity["RowKey"])

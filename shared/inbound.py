@@ -18,12 +18,14 @@ import uuid
 from typing import Any
 
 from shared.errors import FieldError, RequestRejected
+from shared.http import ApiResponse
 
 log = logging.getLogger(__name__)
 
 # Fixed namespace for operation ids derived from queue message ids (uuid5): same message, same id.
 QUEUE_NAMESPACE = uuid.UUID("6b0f3a52-8d1e-4f4c-9a57-2f1f3c9b7e10")
 IN_PROGRESS_REQUEUE_SECONDS = 5.0
+OPERATIONS_PATH = "/api/operations/"  # queue callers poll through the HTTP API; no host is known here
 
 
 def operation_id_for_message(message_id: str) -> str:
@@ -40,7 +42,8 @@ def _pop_key(document: dict[str, Any]) -> Any:
 async def handle_request_message(message_id: str, body: bytes, dequeue_count: int) -> str:
     """One inbound message → an accepted operation, a replay, a re-enqueue, or a Failed record."""
     from shared import runtime
-    from shared.intake import Submission, describe
+    from shared.api import submit_incident
+    from shared.intake import Submission
     from shared.model import ValidationRules, parse_json_body, validate_batch_update, validate_idempotency_key
 
     rt = await runtime.ready()
@@ -48,42 +51,65 @@ async def handle_request_message(message_id: str, body: bytes, dequeue_count: in
     caller = {"authentication": "queue", "queue": settings.requests_queue, "messageId": message_id}
     try:
         document = parse_json_body(body, "application/json", settings.max_body_bytes)
-        if isinstance(document, dict) and any(k.lower() == "sentinelincident" for k in document):
-            raise RequestRejected(400, "Not supported yet", "sentinelIncident messages are not handled yet.",
-                                  [FieldError("sentinelIncident", "is not supported by this version")])  # fmt: skip
+        incident = _sentinel_incident(document)
+        if incident is not None:
+            answer = await submit_incident(incident, caller, OPERATIONS_PATH, respond_async=True)
+            return await _after_submit(message_id, body, caller, answer)
         raw_key = _pop_key(document) if isinstance(document, dict) else None
         if raw_key is not None and not isinstance(raw_key, str):
-            raise RequestRejected(400, "Invalid idempotencyKey", "idempotencyKey must be a string.",
-                                  [FieldError("idempotencyKey", "must be a string")])  # fmt: skip
+            raise RequestRejected(
+                400,
+                "Invalid idempotencyKey",
+                "idempotencyKey must be a string.",
+                [FieldError("idempotencyKey", "must be a string")],
+            )
         key = _queue_key(raw_key, validate_idempotency_key)
-        update = validate_batch_update(
-            document, ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
-        )
+        rules = ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
+        update = validate_batch_update(document, rules)
     except RequestRejected as exc:
         return await _record_invalid(message_id, caller, exc)
-    operations_url = "/api/operations/"
-    answer = await rt.intake.submit(
-        Submission(
-            update=update,
-            source="queue",
-            caller=caller,
-            operations_url=operations_url,
-            explicit_key=key,
-            respond_async=True,
-        )
+    submission = Submission(
+        update=update,
+        source="queue",
+        caller=caller,
+        operations_url=OPERATIONS_PATH,
+        explicit_key=key,
+        respond_async=True,
     )
+    return await _after_submit(message_id, body, caller, await rt.intake.submit(submission))
+
+
+def _sentinel_incident(document: Any) -> Any:
+    """The incident of a `{"sentinelIncident": {...}}` message (key matched case-insensitively), else None."""
+    if not isinstance(document, dict):
+        return None
+    for name, value in document.items():
+        if name.lower() == "sentinelincident":
+            return value
+    return None
+
+
+async def _after_submit(message_id: str, body: bytes, caller: dict[str, Any], answer: ApiResponse) -> str:
+    """What an inbound message's answer means for the message: consumed, re-enqueued or recorded Failed."""
+    from shared import runtime
+    from shared.intake import describe
+
     if answer.status == 409:
+        rt = await runtime.ready()
         await rt.queues.resend_request(body.decode("utf-8"), IN_PROGRESS_REQUEUE_SECONDS)
         log.info("inbound message %s: its key is in progress elsewhere; re-enqueued", message_id)
         return "requeued"
-    if answer.status == 422 and b"idempotency-key-reused" in answer.body:
-        reused = RequestRejected(
-            422,
-            "idempotencyKey reused",
-            "This idempotencyKey was used with another body.",
-            [FieldError("idempotencyKey", "was used before with a different request body")],
-        )
-        return await _record_invalid(message_id, caller, reused)
+    if answer.status in (400, 422) and answer.headers.get("Content-Type", "").startswith(
+        "application/problem+json"
+    ):
+        document = json.loads(answer.body)
+        if "operationId" not in document:  # refused before acceptance: key reused, alerts not in the payload
+            errors = [FieldError(e["field"], e["message"]) for e in document.get("errors", [])]
+            return await _record_invalid(
+                message_id,
+                caller,
+                RequestRejected(answer.status, document["title"], document["detail"], errors),
+            )
     replayed = answer.headers.get("Idempotent-Replayed") == "true"
     log.info(
         "inbound message %s: %s%s",
@@ -98,8 +124,12 @@ def _queue_key(raw: str | None, validate: Any) -> str | None:
     try:
         return validate(raw)  # type: ignore[no-any-return]
     except RequestRejected as exc:
-        raise RequestRejected(400, "Invalid idempotencyKey", exc.detail.replace("header", "field"),
-                              [FieldError("idempotencyKey", "must be 1-255 visible ASCII characters")]) from None  # fmt: skip
+        raise RequestRejected(
+            400,
+            "Invalid idempotencyKey",
+            exc.detail.replace("header", "field"),
+            [FieldError("idempotencyKey", "must be 1-255 visible ASCII characters")],
+        ) from None
 
 
 async def _record_invalid(message_id: str, caller: dict[str, Any], exc: RequestRejected) -> str:
@@ -109,8 +139,12 @@ async def _record_invalid(message_id: str, caller: dict[str, Any], exc: RequestR
     operation_id = operation_id_for_message(message_id)
     errors = [e.as_dict() for e in exc.errors] or [{"field": "body", "message": exc.detail}]
     await rt.ledger.record_invalid(operation_id, "queue", caller, errors, 400 if exc.status != 422 else 422)
-    log.warning("inbound message %s is invalid; recorded as Failed operation %s: %s", message_id, operation_id,
-                exc.detail)  # fmt: skip
+    log.warning(
+        "inbound message %s is invalid; recorded as Failed operation %s: %s",
+        message_id,
+        operation_id,
+        exc.detail,
+    )
     return "invalid"
 
 
@@ -143,6 +177,10 @@ async def handle_request_poison(message_id: str, body: bytes) -> str:
     """An inbound message that kept failing: a Failed operation says so, with the message id."""
     caller = {"authentication": "queue", "messageId": message_id}
     snippet = body[:300].decode("utf-8", errors="replace")
-    exc = RequestRejected(400, "Poison message", f"The message failed repeatedly and reached the poison queue: {snippet}",
-                          [FieldError("body", "failed repeatedly (poison queue)")])  # fmt: skip
+    exc = RequestRejected(
+        400,
+        "Poison message",
+        f"The message failed repeatedly and reached the poison queue: {snippet}",
+        [FieldError("body", "failed repeatedly (poison queue)")],
+    )
     return await _record_invalid(message_id, caller, exc)

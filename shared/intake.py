@@ -123,10 +123,13 @@ class Intake:
         limit = await self.sender.batch_limit.refresh()
         fields = sub.update.update.fields()
         plan = AcceptPlan(
-            record.operation_id, sub.source, sub.caller,
-            plan_chunks(sub.update.alert_ids, fields, limit, MAX_ENTRIES_PER_ACCEPT), record.digest,
+            record.operation_id,
+            sub.source,
+            sub.caller,
+            plan_chunks(sub.update.alert_ids, fields, limit, MAX_ENTRIES_PER_ACCEPT),
+            record.digest,
             hold_seconds=self.keys.claim_lease,
-        )  # fmt: skip
+        )
         try:
             operation, chunks = await self.ledger.accept(plan)
         except AlreadyAccepted:
@@ -134,8 +137,13 @@ class Intake:
         except BaseException:
             await self.keys.release(record)  # never accepted, nothing sent: a retry may proceed
             raise
-        log.info("accepted operation %s from %s: %d alerts in %d chunks", operation.operation_id, sub.source,
-                 operation.alert_count, len(chunks))  # fmt: skip
+        log.info(
+            "accepted operation %s from %s: %d alerts in %d chunks",
+            operation.operation_id,
+            sub.source,
+            operation.alert_count,
+            len(chunks),
+        )
         chunks = await self._send_or_defer(chunks, sub.respond_async)
         answer = self._answer(operation, chunks, sub)
         await self.keys.complete(record, _stored(answer))
@@ -185,10 +193,13 @@ class Intake:
     def _in_progress(self, record: KeyRecord) -> ApiResponse:
         wait = max(1, min(int(self.settings.sync_max_wait_seconds) + 1, 30))
         return problem(
-            409, "request-in-progress", "Request in progress",
+            409,
+            "request-in-progress",
+            "Request in progress",
             "A request with this idempotency key is still being processed; retry after the Retry-After delay.",
-            headers={"Retry-After": str(wait)}, extra={"operationId": record.operation_id},
-        )  # fmt: skip
+            headers={"Retry-After": str(wait)},
+            extra={"operationId": record.operation_id},
+        )
 
 
 _FAILURE_TITLES = {
@@ -225,11 +236,13 @@ def _with_headers(answer: ApiResponse, headers: dict[str, str]) -> ApiResponse:
 
 def _key_reused(key: IdempotencyKey) -> ApiResponse:
     return problem(
-        422, "idempotency-key-reused", "Idempotency-Key reused",
+        422,
+        "idempotency-key-reused",
+        "Idempotency-Key reused",
         "This Idempotency-Key was already used with a different request body; use a new key for a new request.",
         errors=[FieldError("Idempotency-Key", "was used before with a different request body")],
         extra={"keyKind": key.kind.value},
-    )  # fmt: skip
+    )
 
 
 def describe(answer: ApiResponse) -> str:

@@ -296,7 +296,7 @@ class Ledger:
                 now,
                 updated_at=now,
                 msg_due_at=now + plan.hold_seconds,
-            )  # fmt: skip
+            )
             for i, (ids, fields) in enumerate(plan.chunks)
         ]
         counter = {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": last + 1}
@@ -464,9 +464,15 @@ class Ledger:
         """Move a chunk from pending to finished in one transaction (idempotent: a second finish is a no-op)."""
         now = self._clock()
         done = Chunk(
-            **{**chunk.__dict__, "state": result, "answer_status": answer_status, "last_error": error,
-               "finished_at": now, "updated_at": now}
-        )  # fmt: skip
+            **{
+                **chunk.__dict__,
+                "state": result,
+                "answer_status": answer_status,
+                "last_error": error,
+                "finished_at": now,
+                "updated_at": now,
+            }
+        )
         ops: list[Any] = [
             ("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key}),
             ("upsert", done.result_entity()),
@@ -488,14 +494,25 @@ class Ledger:
         pieces = [chunk.alert_ids[i : i + size] for i in range(0, len(chunk.alert_ids), size)]
         now = self._clock()
         new = [
-            Chunk(f"{chunk.chunk_id}-{n:03d}", chunk.operation_id, ids, dict(chunk.fields), chunk.created_at,
-                  attempts=0, updated_at=now, not_before=0.0)
+            Chunk(
+                f"{chunk.chunk_id}-{n:03d}",
+                chunk.operation_id,
+                ids,
+                dict(chunk.fields),
+                chunk.created_at,
+                attempts=0,
+                updated_at=now,
+                not_before=0.0,
+            )
             for n, ids in enumerate(pieces)
-        ]  # fmt: skip
+        ]
         ops: list[Any] = [
-            ("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key},
-             {"etag": chunk.etag, "match_condition": MatchConditions.IfNotModified}),
-        ]  # fmt: skip
+            (
+                "delete",
+                {"PartitionKey": PARTITION, "RowKey": chunk.pending_key},
+                {"etag": chunk.etag, "match_condition": MatchConditions.IfNotModified},
+            ),
+        ]
         ops += [("create", c.pending_entity()) for c in new]
         results = await self._table.submit_transaction(ops)
         for piece, meta in zip(new, results[1:], strict=True):
@@ -509,8 +526,11 @@ class Ledger:
         from azure.core.exceptions import ResourceNotFoundError
 
         removed = 0
-        plans = (("o-", "o.", "CreatedAt", operations_before), ("r-", "r.", "FinishedAt", operations_before),
-                 ("j-", "j.", "AcceptedAt", journal_before))  # fmt: skip
+        plans = (
+            ("o-", "o.", "CreatedAt", operations_before),
+            ("r-", "r.", "FinishedAt", operations_before),
+            ("j-", "j.", "AcceptedAt", journal_before),
+        )
         for lo, hi, stamp, before in plans:
             query = f"PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and {stamp} lt @before"
             params = {"pk": PARTITION, "lo": lo, "hi": hi, "before": before}

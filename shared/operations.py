@@ -37,8 +37,11 @@ def status_of(operation: Operation, chunks: list[Chunk]) -> OperationStatus:
     succeeded = sum(1 for c in chunks if c.state == ChunkResult.SUCCEEDED)
     if chunks and succeeded == len(chunks):
         return OperationStatus("Succeeded", 200, True)
-    worst = max((c.answer_status for c in chunks if c.state != ChunkResult.SUCCEEDED),
-                key=lambda s: _SEVERITY.get(s, 0), default=502)  # fmt: skip
+    worst = max(
+        (c.answer_status for c in chunks if c.state != ChunkResult.SUCCEEDED),
+        key=lambda s: _SEVERITY.get(s, 0),
+        default=502,
+    )
     return OperationStatus("PartiallySucceeded" if succeeded else "Failed", worst, True)
 
 
@@ -48,8 +51,12 @@ def _iso(epoch: float) -> str:
 
 def chunk_resource(chunk: Chunk, *, with_ids: bool = True) -> dict[str, Any]:
     status = chunk.state if chunk.finished else "Pending"
-    document: dict[str, Any] = {"chunkId": chunk.chunk_id, "alertCount": len(chunk.alert_ids), "status": status,
-                                "attempts": chunk.attempts}  # fmt: skip
+    document: dict[str, Any] = {
+        "chunkId": chunk.chunk_id,
+        "alertCount": len(chunk.alert_ids),
+        "status": status,
+        "attempts": chunk.attempts,
+    }
     if with_ids:
         document = {"alertIds": list(chunk.alert_ids), **document}
     if chunk.last_error is not None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from shared.ledger import Ledger
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
+    from shared.sentinel import SentinelMapping
     from shared.tables import Tables
     from shared.tokens import TokenProvider
 
@@ -109,8 +110,22 @@ async def build_runtime(settings: Settings) -> Runtime:
     )
     sender = Sender(settings, ledger, limiter, defender, batch_limit, queues)
     intake = Intake(settings, keys, ledger, sender)
-    return Runtime(settings, session, tokens, defender, service, tables, queues, credential, limiter, batch_limit,
-                   ledger, keys, sender, intake)  # fmt: skip
+    return Runtime(
+        settings,
+        session,
+        tokens,
+        defender,
+        service,
+        tables,
+        queues,
+        credential,
+        limiter,
+        batch_limit,
+        ledger,
+        keys,
+        sender,
+        intake,
+    )
 
 
 _settings: Settings | None = None
@@ -124,6 +139,19 @@ def settings() -> Settings:
     if _settings is None:
         _settings = load_settings()
     return _settings
+
+
+_sentinel_mapping: SentinelMapping | None = None
+
+
+def sentinel_mapping() -> SentinelMapping:
+    """SENTINEL_MAPPING merged over the defaults (validated at start-up by load_settings)."""
+    global _sentinel_mapping
+    if _sentinel_mapping is None:
+        from shared.sentinel import build_mapping
+
+        _sentinel_mapping = build_mapping(settings().sentinel_mapping)
+    return _sentinel_mapping
 
 
 async def runtime() -> Runtime:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -69,7 +70,7 @@ class Settings:
     chunks_queue: str
     table_prefix: str
     max_attempts: int
-    sentinel_mapping: Mapping[str, Mapping[str, str]]
+    sentinel_mapping: Mapping[str, Mapping[str, str | None]]
     sentinel_default_assignee: str | None
     sweep_schedule: str
     sweep_grace_seconds: float
@@ -258,13 +259,13 @@ def _enum_overrides(reader: _Reader) -> dict[str, str]:
     return clean
 
 
-def _sentinel_mapping(reader: _Reader) -> dict[str, dict[str, str]]:
+def _sentinel_mapping(reader: _Reader) -> dict[str, dict[str, str | None]]:
     """Shape-checked here; the sentinel module checks the values against the enums when it is built."""
     mapping: dict[str, Any] = reader.get("SENTINEL_MAPPING", {}, _json_object)
-    clean: dict[str, dict[str, str]] = {}
+    clean: dict[str, dict[str, str | None]] = {}
     for key, value in mapping.items():
         if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
         ):
             reader.problems.append(
                 (
@@ -275,7 +276,19 @@ def _sentinel_mapping(reader: _Reader) -> dict[str, dict[str, str]]:
             )
             continue
         clean[key] = dict(value)
+    from shared.sentinel import build_mapping  # checks the values against the enums
+
+    try:
+        build_mapping(clean)
+    except SettingsError as exc:
+        reader.problems.extend(exc.problems)
     return clean
+
+
+def _assignee(text: str) -> str:
+    if len(text) > 256 or any(unicodedata.category(c) in ("Cc", "Cs") for c in text):
+        raise ValueError("must be 1-256 characters without control characters (it is sent as assignedTo)")
+    return text
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -317,7 +330,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         table_prefix=reader.get("TABLE_PREFIX", "alertgate", _table_prefix),
         max_attempts=reader.get("MAX_ATTEMPTS", 12, _positive_int),
         sentinel_mapping=_sentinel_mapping(reader),
-        sentinel_default_assignee=reader.raw("SENTINEL_DEFAULT_ASSIGNEE"),
+        sentinel_default_assignee=reader.get("SENTINEL_DEFAULT_ASSIGNEE", None, _assignee),
         sweep_schedule=reader.get("SWEEP_SCHEDULE", "*/30 * * * * *", _ncrontab),
         sweep_grace_seconds=reader.get("SWEEP_GRACE_SECONDS", 60.0, _seconds(0)),
         use_managed_identity=bool(
@@ -325,14 +338,29 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
     )
     if settings.defender_max_alerts_per_call > MAX_IDS_PER_CALL:
-        reader.problems.append(("DEFENDER_MAX_ALERTS_PER_CALL", f"must be at most {MAX_IDS_PER_CALL}: a pending "
-                                "chunk's ids are kept in one Table Storage property (64 KiB)"))  # fmt: skip
+        reader.problems.append(
+            (
+                "DEFENDER_MAX_ALERTS_PER_CALL",
+                f"must be at most {MAX_IDS_PER_CALL}: a pending "
+                "chunk's ids are kept in one Table Storage property (64 KiB)",
+            )
+        )
     if settings.max_alerts_per_request > MAX_IDS_PER_REQUEST:
-        reader.problems.append(("MAX_ALERTS_PER_REQUEST", f"must be at most {MAX_IDS_PER_REQUEST}: a request is "
-                                "accepted in one Table Storage transaction (at most 97 chunks)"))  # fmt: skip
+        reader.problems.append(
+            (
+                "MAX_ALERTS_PER_REQUEST",
+                f"must be at most {MAX_IDS_PER_REQUEST}: a request is "
+                "accepted in one Table Storage transaction (at most 97 chunks)",
+            )
+        )
     if any(w.calls > 2000 for w in settings.defender_rate_limits):
-        reader.problems.append(("DEFENDER_RATE_LIMITS", "must allow at most 2000 calls per window: the budget's "
-                                "log of calls is kept in one Table Storage property"))  # fmt: skip
+        reader.problems.append(
+            (
+                "DEFENDER_RATE_LIMITS",
+                "must allow at most 2000 calls per window: the budget's "
+                "log of calls is kept in one Table Storage property",
+            )
+        )
     if settings.requests_queue == settings.chunks_queue:
         reader.problems.append(("CHUNKS_QUEUE", "must differ from REQUESTS_QUEUE"))
     if reader.problems:

@@ -189,8 +189,12 @@ async def test_updates_of_one_alert_are_applied_in_acceptance_order(
     """Deferred updates of the same alert (InProgress, then Resolved) for several alerts at once: the queue
     is not FIFO and the worker runs many messages at once, yet every alert must end Resolved."""
     await ctl.configure(rateLimits="3/1")
-    url = hosts.url("/api/alerts/batchUpdate", DEFENDER_RATE_LIMITS="3/1", RATE_LIMIT_SAFETY_MARGIN_SECONDS="0.1",
-                    SYNC_MAX_WAIT_SECONDS="0")  # fmt: skip
+    url = hosts.url(
+        "/api/alerts/batchUpdate",
+        DEFENDER_RATE_LIMITS="3/1",
+        RATE_LIMIT_SAFETY_MARGIN_SECONDS="0.1",
+        SYNC_MAX_WAIT_SECONDS="0",
+    )
     for _run in range(3):
         alerts = new_ids(4)
         first = [await post(http, url, {"alertIds": [a], "status": "InProgress"}, ASYNC) for a in alerts]
@@ -215,9 +219,11 @@ async def test_operation_resource(hosts: HostPool, ctl: EmulatorControl, http) -
     base = hosts.url("")
     alerts = new_ids(2)
     status, headers, body = await post(
-        http, f"{base}/api/alerts/batchUpdate?code=secret%2Fkey", {"alertIds": alerts, "comment": "x"},
+        http,
+        f"{base}/api/alerts/batchUpdate?code=secret%2Fkey",
+        {"alertIds": alerts, "comment": "x"},
         {"X-MS-CLIENT-PRINCIPAL-NAME": "playbook@contoso.com", "X-MS-CLIENT-PRINCIPAL-ID": "oid-1", **ASYNC},
-    )  # fmt: skip
+    )
     assert status == 202
     assert headers["Location"] == f"{base}/api/operations/{body['operationId']}?code=secret%2Fkey"
     final, resource = await wait_for_operation(http, headers["Location"])

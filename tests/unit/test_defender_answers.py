@@ -37,8 +37,11 @@ def test_error_body_fields_are_kept() -> None:
     result = classify(404, None, error("NotFound", "Alert da1 not found", "corr-9"))
     assert result.error is not None
     assert (result.error.http_status, result.error.code, result.error.message, result.error.target) == (
-        404, "NotFound", "Alert da1 not found", "corr-9",
-    )  # fmt: skip
+        404,
+        "NotFound",
+        "Alert da1 not found",
+        "corr-9",
+    )
 
 
 def test_non_json_error_body_is_kept_short() -> None:

@@ -37,19 +37,29 @@ def test_microsoft_example_is_accepted_unchanged() -> None:
     ("given", "expected"),
     [
         ({"AlertIDs": [ID1], "STATUS": "resolved"}, {"alertIds": [ID1], "status": "Resolved"}),
-        ({"alertids": [ID1], "Classification": "informational, EXPECTED activity"},
-         {"alertIds": [ID1], "classification": "InformationalExpectedActivity"}),
+        (
+            {"alertids": [ID1], "Classification": "informational, EXPECTED activity"},
+            {"alertIds": [ID1], "classification": "InformationalExpectedActivity"},
+        ),
         ({"alertIds": [ID1], "determination": "clean"}, {"alertIds": [ID1], "determination": "NotMalicious"}),
-        ({"alertIds": [ID1], "determination": "ConfirmedUserActivity"},
-         {"alertIds": [ID1], "determination": "ConfirmedActivity"}),
-        ({"alertIds": [ID1], "determination": "noenoughdatatovalidate"},
-         {"alertIds": [ID1], "determination": "InsufficientData"}),
-        ({"alertIds": [ID1], "determination": "COMPROMISEDACCOUNT"},
-         {"alertIds": [ID1], "determination": "CompromisedUser"}),
-        ({"alertIds": [ID1], "Status": "inprogress", "AssignedTo": "a@b.c"},
-         {"alertIds": [ID1], "status": "InProgress", "assignedTo": "a@b.c"}),
+        (
+            {"alertIds": [ID1], "determination": "ConfirmedUserActivity"},
+            {"alertIds": [ID1], "determination": "ConfirmedActivity"},
+        ),
+        (
+            {"alertIds": [ID1], "determination": "noenoughdatatovalidate"},
+            {"alertIds": [ID1], "determination": "InsufficientData"},
+        ),
+        (
+            {"alertIds": [ID1], "determination": "COMPROMISEDACCOUNT"},
+            {"alertIds": [ID1], "determination": "CompromisedUser"},
+        ),
+        (
+            {"alertIds": [ID1], "Status": "inprogress", "AssignedTo": "a@b.c"},
+            {"alertIds": [ID1], "status": "InProgress", "assignedTo": "a@b.c"},
+        ),
     ],
-)  # fmt: skip
+)
 def test_names_and_values_are_canonicalised(given: dict[str, object], expected: dict[str, object]) -> None:
     assert validate_batch_update(given, RULES).canonical_body() == expected
 
@@ -83,9 +93,12 @@ def test_every_broken_rule_is_reported_at_once() -> None:
 def test_office_and_cloud_apps_ids_are_named_as_not_mde() -> None:
     with pytest.raises(RequestRejected) as exc:
         validate_batch_update(
-            {"alertIds": ["fa3e0c6b5e-1f0d-4c47-9d0b-6c1bd4b2a8e1", "ca5a1f0a8b2c3d4e5f60718293a4b5c6d7"],
-             "status": "Resolved"}, RULES,
-        )  # fmt: skip
+            {
+                "alertIds": ["fa3e0c6b5e-1f0d-4c47-9d0b-6c1bd4b2a8e1", "ca5a1f0a8b2c3d4e5f60718293a4b5c6d7"],
+                "status": "Resolved",
+            },
+            RULES,
+        )
     messages = [e.message for e in exc.value.errors]
     assert "Office 365" in messages[0] and "not a Microsoft Defender for Endpoint alert" in messages[0]
     assert "Cloud Apps" in messages[1]
@@ -130,8 +143,9 @@ def test_retired_determination_says_it_is_retired() -> None:
 
 
 def test_no_cross_check_between_classification_and_determination() -> None:
-    update = validate_batch_update({"alertIds": [ID1], "classification": "FalsePositive",
-                                    "determination": "Malware"}, RULES)  # fmt: skip
+    update = validate_batch_update(
+        {"alertIds": [ID1], "classification": "FalsePositive", "determination": "Malware"}, RULES
+    )
     assert update.update.determination == "Malware"
 
 

@@ -12,8 +12,16 @@ OP = Operation("3f1c0e52-5d7a-4f8e-9a57-2f1f3c9b7e10", 1000.0, "http", {}, 3, 1,
 
 
 def chunk(n: int, state: str, attempts: int = 1, answer: int = 0) -> Chunk:
-    return Chunk(f"{n:012d}", OP.operation_id, (f"a{n}",), {"status": "New"}, 1000.0, state=state,
-                 attempts=attempts, answer_status=answer)  # fmt: skip
+    return Chunk(
+        f"{n:012d}",
+        OP.operation_id,
+        (f"a{n}",),
+        {"status": "New"},
+        1000.0,
+        state=state,
+        attempts=attempts,
+        answer_status=answer,
+    )
 
 
 @pytest.mark.parametrize(
@@ -24,11 +32,17 @@ def chunk(n: int, state: str, attempts: int = 1, answer: int = 0) -> Chunk:
         ([(PendingState.SENDING, 1, 0)], ("Running", 202, False)),
         ([(ChunkResult.SUCCEEDED, 1, 200)] * 3, ("Succeeded", 200, True)),
         ([(ChunkResult.SUCCEEDED, 1, 200), (ChunkResult.FAILED, 1, 422)], ("PartiallySucceeded", 422, True)),
-        ([(ChunkResult.FAILED, 1, 422), (ChunkResult.OUTCOME_UNKNOWN, 1, 504), (ChunkResult.FAILED, 1, 502)],
-         ("Failed", 504, True)),
+        (
+            [
+                (ChunkResult.FAILED, 1, 422),
+                (ChunkResult.OUTCOME_UNKNOWN, 1, 504),
+                (ChunkResult.FAILED, 1, 502),
+            ],
+            ("Failed", 504, True),
+        ),
         ([(ChunkResult.FAILED, 1, 422), (ChunkResult.FAILED, 3, 502)], ("Failed", 502, True)),
     ],
-)  # fmt: skip
+)
 def test_status_rules(states: list[tuple[str, int, int]], expected: tuple[str, int, bool]) -> None:
     chunks = [chunk(i, s, a, h) for i, (s, a, h) in enumerate(states)]
     state = status_of(OP, chunks)

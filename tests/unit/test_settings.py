@@ -23,8 +23,11 @@ def test_defaults_match_the_design() -> None:
     )
     assert (s.idempotency_ttl_seconds, s.derived_key_ttl_seconds, s.sync_max_wait_seconds) == (86400, 600, 5)
     assert (s.requests_queue, s.chunks_queue, s.table_prefix, s.max_attempts) == (
-        "alert-update-requests", "alert-update-chunks", "alertgate", 12,
-    )  # fmt: skip
+        "alert-update-requests",
+        "alert-update-chunks",
+        "alertgate",
+        12,
+    )
     assert s.rate_limit_safety_margin_seconds == 1 and s.defender_http_timeout_seconds == 30
     assert s.resend_unknown_with_comment is False and dict(s.defender_enum_overrides) == {}
     assert s.alert_id_pattern.fullmatch("da637399794050273582_760707377")
@@ -55,8 +58,13 @@ def test_every_bad_setting_is_named_at_once() -> None:
 
 
 def test_identity_based_storage() -> None:
-    s = load_settings({"AzureWebJobsStorage__accountName": "acct", "AzureWebJobsStorage__credential":
-                       "managedidentity", "AzureWebJobsStorage__clientId": "cid"})  # fmt: skip
+    s = load_settings(
+        {
+            "AzureWebJobsStorage__accountName": "acct",
+            "AzureWebJobsStorage__credential": "managedidentity",
+            "AzureWebJobsStorage__clientId": "cid",
+        }
+    )
     assert s.storage.connection_string is None
     assert s.storage.table_service_uri == "https://acct.table.core.windows.net"
     assert s.storage.queue_service_uri == "https://acct.queue.core.windows.net"
