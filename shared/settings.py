@@ -89,8 +89,10 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.problems: list[tuple[str, str]] = []
+        self.asked: set[str] = set()
 
     def raw(self, name: str) -> str | None:
+        self.asked.add(name)
         value = self.env.get(name)
         if value is None or value.strip() == "":
             return None
@@ -293,7 +295,26 @@ def _assignee(text: str) -> str:
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse and validate every setting; raise SettingsError naming each bad one."""
-    reader = _Reader(os.environ if env is None else env)
+    return _load(_Reader(os.environ if env is None else env))
+
+
+def names_read() -> frozenset[str]:
+    """Every environment variable the settings module reads (for the infra consistency check)."""
+    reader = _Reader({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    _load(reader)
+    return frozenset(reader.asked)
+
+
+# Variables read above that are not alertgate's own settings: the platform's (the storage connection's
+# identity-based forms, azure-identity's, and App Service's) and so not set by alertgate's deployment.
+PLATFORM_NAMES = frozenset({
+    "AzureWebJobsStorage", "AzureWebJobsStorage__accountName", "AzureWebJobsStorage__tableServiceUri",
+    "AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId",
+    "IDENTITY_ENDPOINT", "MSI_ENDPOINT", "WEBSITE_INSTANCE_ID",
+})  # fmt: skip
+
+
+def _load(reader: _Reader) -> Settings:
     max_per_call = reader.get("DEFENDER_MAX_ALERTS_PER_CALL", 500, _positive_int)
     max_per_request = reader.get("MAX_ALERTS_PER_REQUEST", 10000, _positive_int)
     settings = Settings(

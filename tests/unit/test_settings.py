@@ -80,3 +80,35 @@ def test_bad_rate_limits(text: str) -> None:
 def test_managed_identity_is_used_where_the_identity_endpoint_is_set() -> None:
     assert load_settings({**BASE, "IDENTITY_ENDPOINT": "http://127.0.0.1:1/msi/token"}).use_managed_identity
     assert not load_settings(BASE).use_managed_identity
+
+
+def test_names_read_are_the_designs_settings_plus_the_platforms() -> None:
+    from shared.settings import PLATFORM_NAMES, names_read
+
+    own = names_read() - PLATFORM_NAMES
+    assert own == {
+        "DEFENDER_API_BASE_URL",
+        "DEFENDER_TOKEN_SCOPE",
+        "AZURE_CLIENT_ID",
+        "ALERT_ID_PATTERN",
+        "DEFENDER_RATE_LIMITS",
+        "RATE_LIMIT_SAFETY_MARGIN_SECONDS",
+        "DEFENDER_MAX_ALERTS_PER_CALL",
+        "MAX_ALERTS_PER_REQUEST",
+        "MAX_BODY_BYTES",
+        "DEFENDER_ENUM_OVERRIDES",
+        "RESEND_UNKNOWN_WITH_COMMENT",
+        "IDEMPOTENCY_TTL_SECONDS",
+        "DERIVED_KEY_TTL_SECONDS",
+        "SYNC_MAX_WAIT_SECONDS",
+        "DEFENDER_HTTP_TIMEOUT_SECONDS",
+        "REQUESTS_QUEUE",
+        "CHUNKS_QUEUE",
+        "TABLE_PREFIX",
+        "MAX_ATTEMPTS",
+        "SENTINEL_MAPPING",
+        "SENTINEL_DEFAULT_ASSIGNEE",
+        "SWEEP_SCHEDULE",
+        "SWEEP_GRACE_SECONDS",
+    }
+    assert names_read() >= PLATFORM_NAMES
