@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _ALLOWED_BATCH = re.compile(r"allowed:\s*(\d+)", re.IGNORECASE)
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+TOKEN_UNAVAILABLE = "TokenUnavailable"
 _ERROR_SNIPPET = 500
 
 
@@ -109,19 +110,22 @@ class DefenderClient:
         self._url = url
         self._timeout = timeout
 
-    async def send(
-        self, body: dict[str, Any], *, fresh_token: bool = False, rejected_token: str | None = None
-    ) -> tuple[CallResult, str | None]:
-        """One call; returns the result and the token used (so a 401 can name it for refresh)."""
+    async def token(self, *, fresh: bool = False, rejected: str | None = None) -> str | CallResult:
+        """A bearer token (fetched fresh after a 401), or a not-sent retryable result saying why none came.
+
+        Kept apart from `post` so the caller can fetch it before it spends budget: a grant must reach MDE
+        within the safety margin, and a token fetch can take longer than that.
+        """
         try:
-            token = await (self._tokens.refresh(rejected_token) if fresh_token else self._tokens.token())
+            return await (self._tokens.refresh(rejected) if fresh else self._tokens.token())
         except Exception as exc:  # azure-identity raises several types; none of them reached MDE
             log.warning("no token for MDE: %s", exc)
             message = f"Could not obtain a token for MDE: {type(exc).__name__}: {_first_line(exc)}"
-            return CallResult(
-                CallKind.RETRYABLE, UpstreamError(None, "TokenUnavailable", message), sent=False
-            ), None
-        return await self._post(body, token), token
+            return CallResult(CallKind.RETRYABLE, UpstreamError(None, TOKEN_UNAVAILABLE, message), sent=False)
+
+    async def post(self, body: dict[str, Any], token: str) -> CallResult:
+        """One batchUpdate call with this token; never retries by itself."""
+        return await self._post(body, token)
 
     async def _post(self, body: dict[str, Any], token: str) -> CallResult:
         import aiohttp

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.defender import CallKind, CallResult, UpstreamError
+from shared.defender import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError
 from shared.ledger import AcceptPlan, AlreadyAccepted, Chunk, ChunkResult, Operation, PendingState
 from shared.model import outbound_body
 from shared.ratelimit import Denial
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
 MAX_BACKOFF_SECONDS = 300.0
 WORKER_BUDGET_WAIT_SECONDS = 1.0
-STALE_GRANT_RETRY_SECONDS = 0.1  # short waits are cheaper in process than as a message round trip
+STALE_GRANT_RETRY_SECONDS = 0.1
+TOKEN_RETRY_SECONDS = 5.0  # short waits are cheaper in process than as a message round trip
 
 ROLE_HINT = (
     "alertgate's identity needs the Alert.ReadWrite.All application role of WindowsDefenderATP "
@@ -121,7 +122,11 @@ class Sender:
         current = await self.batch_limit.refresh()
         if len(chunk.alert_ids) > current:
             return await self._split(chunk, current)
+        rejected: str | None = None
         while True:
+            token = await self.client.token(fresh=chunk.fresh_token, rejected=rejected)
+            if isinstance(token, CallResult):
+                return await self._retry_later(chunk, token)
             grant = await self.limiter.acquire(max_wait)
             if isinstance(grant, Denial):
                 return Attempt(AttemptKind.DEFERRED, chunk, grant.wait_seconds)
@@ -133,7 +138,7 @@ class Sender:
             if self._clock() - grant.at > self.max_grant_age:
                 return await self._grant_went_stale(sending)
             body = outbound_body(sending.alert_ids, sending.fields, self.settings.defender_enum_overrides)
-            result, _token = await self.client.send(body, fresh_token=sending.fresh_token)
+            result = await self.client.post(body, token)
             if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
                 log.warning(
                     "chunk %s: MDE answered 401; retrying once with a freshly fetched token", chunk.chunk_id
@@ -143,7 +148,7 @@ class Sender:
                 )
                 if retry is None:
                     return Attempt(AttemptKind.LOST, chunk)
-                chunk, max_wait = retry, 0.0
+                chunk, max_wait, rejected = retry, 0.0, token
                 continue
             return await self._record(sending, result)
 
@@ -201,6 +206,10 @@ class Sender:
         if chunk.attempts >= self.settings.max_attempts or await self._too_old(chunk):
             return await self._finish(chunk, ChunkResult.FAILED, final_status, error)
         delay = backoff(chunk.attempts, result.retry_after)
+        if result.error is not None and result.error.code == TOKEN_UNAVAILABLE:
+            delay = max(
+                delay, TOKEN_RETRY_SECONDS
+            )  # not an attempt at MDE: don't hammer the identity endpoint
         pending = await self.ledger.update_pending(
             chunk,
             state=PendingState.PENDING,

@@ -82,7 +82,7 @@ class Intake:
             if claim.outcome is ClaimOutcome.MISMATCH:
                 return _key_reused(key)
             if claim.outcome is ClaimOutcome.IN_PROGRESS:
-                return self._in_progress(record)
+                return await self._ended_answer(record, sub) or self._in_progress(record)
             if claim.outcome is ClaimOutcome.REPLAY:
                 if key.kind is KeyKind.DERIVED and await self._changed_back(record, sub):
                     replaced = await self.keys.replace(record, digest, new_operation_id())
@@ -104,6 +104,19 @@ class Intake:
         if operation is None:
             return True
         return await self.ledger.changed_since(operation.first_seq, record.digest, sub.update.alert_ids)
+
+    async def _ended_answer(self, record: KeyRecord, sub: Submission) -> ApiResponse | None:
+        """The key is still claimed but its operation has ended (its first holder died after accepting and
+        the sweep finished the chunks): nothing is processing the request any more, so answer its outcome."""
+        operation = await self.ledger.operation(record.operation_id)
+        if operation is None:
+            return None
+        chunks = await self.ledger.chunks_of(operation)
+        if not status_of(operation, chunks).terminal:
+            return None
+        answer = self._answer(operation, chunks, sub)
+        await self.keys.complete(record, _stored(answer))
+        return _with_headers(answer, REPLAYED)
 
     async def _resume_stale(self, record: KeyRecord, sub: Submission) -> ApiResponse | None:
         """The first holder went quiet. If it had accepted the request, answer for that operation (its

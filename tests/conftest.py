@@ -6,6 +6,9 @@ hosts are kept per distinct settings so that tests sharing a configuration share
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,7 +100,11 @@ class HostPool:
         return self.get(**overrides).urls["base"] + path
 
     def stop_all(self) -> None:
-        for host in [*self._hosts.values(), *self._others]:
+        hosts = [h for h in [*self._hosts.values(), *self._others] if h.alive()]
+        for host in hosts:  # signal all first, so their graceful stops overlap
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(host.proc.pid, signal.SIGTERM)
+        for host in hosts:
             host.stop()
 
 
