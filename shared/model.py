@@ -223,7 +223,7 @@ def validate_batch_update(document: Any, rules: ValidationRules) -> BatchUpdate:
     """Check every rule of DESIGN §1 and return the canonical request, or raise listing every problem."""
     errors = _Errors()
     if not isinstance(document, dict):
-        errors.add("body", f"must be a JSON object, not {_json_type(document)}")
+        errors.add("body", f"must be a JSON object, not {json_type(document)}")
         raise _invalid(errors.items)
     fields = _match_field_names(document, errors)
     alert_ids = _validate_alert_ids(fields.get("alertIds", _MISSING), rules, errors)
@@ -258,7 +258,8 @@ def _invalid(items: list[FieldError]) -> RequestRejected:
     return RequestRejected(400, "Invalid request", f"{len(items)} problem(s): {summary}{more}.", shown)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a JSON value's type reads in an error message."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -297,7 +298,7 @@ def _validate_alert_ids(value: Any, rules: ValidationRules, errors: _Errors) -> 
         errors.add("alertIds", "is required: a non-empty array of MDE alert ids")
         return ()
     if not isinstance(value, list):
-        errors.add("alertIds", f"must be an array of strings, not {_json_type(value)}")
+        errors.add("alertIds", f"must be an array of strings, not {json_type(value)}")
         return ()
     if not value:
         errors.add("alertIds", "must not be empty")
@@ -320,7 +321,7 @@ def _validate_alert_ids(value: Any, rules: ValidationRules, errors: _Errors) -> 
 
 def _alert_id_problem(item: Any, pattern: re.Pattern[str]) -> str | None:
     if not isinstance(item, str):
-        return f"must be a string, not {_json_type(item)}"
+        return f"must be a string, not {json_type(item)}"
     for foreign, what in _FOREIGN_ALERT_IDS:
         if foreign.fullmatch(item):
             return (
@@ -342,7 +343,7 @@ def _given_string(fields: dict[str, Any], name: str, errors: _Errors) -> str | N
         return None
     value = fields[name]
     if not isinstance(value, str):
-        errors.add(name, f"must be a string, not {_json_type(value)} (leave the field out to keep its value)")
+        errors.add(name, f"must be a string, not {json_type(value)} (leave the field out to keep its value)")
         return None
     return value
 

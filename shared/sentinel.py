@@ -57,6 +57,7 @@ from shared.model import (
     DETERMINATION_ALIASES,
     DETERMINATION_VALUES,
     RETIRED_DETERMINATIONS,
+    json_type,
 )
 
 MDE_PRODUCT_NAME = "Microsoft Defender Advanced Threat Protection"
@@ -372,14 +373,14 @@ class _Reader:
         if value is None:
             return None, path
         if not isinstance(value, str):
-            self.add(path, f"must be a string or null, not {_json_type(value)}")
+            self.add(path, f"must be a string or null, not {json_type(value)}")
             return None, path
         return value.strip() or None, path
 
     def mapping(self, obj: dict[str, Any], name: str, base: str) -> tuple[dict[str, Any] | None, str]:
         value, path = self.get(obj, name, base)
         if value is not None and not isinstance(value, dict):
-            self.add(path, f"must be an object, not {_json_type(value)}")
+            self.add(path, f"must be an object, not {json_type(value)}")
             return None, path
         return value, path
 
@@ -412,7 +413,7 @@ def parse_incident(document: Any) -> Incident:
     """The incident in an automation-rule body or a bare incident resource; 400 listing every problem."""
     reader = _Reader()
     if not isinstance(document, dict):
-        reader.add("body", f"must be a Sentinel incident (a JSON object), not {_json_type(document)}")
+        reader.add("body", f"must be a Sentinel incident (a JSON object), not {json_type(document)}")
         raise _rejected(reader.errors)
     resource, base = _incident_resource(document, reader)
     if resource is None:
@@ -443,7 +444,7 @@ def _incident_resource(document: dict[str, Any], reader: _Reader) -> tuple[dict[
     if wrapped is None:
         return document, ""
     if not isinstance(wrapped, dict):
-        reader.add(path, f"must be the incident (an object), not {_json_type(wrapped)}")
+        reader.add(path, f"must be the incident (an object), not {json_type(wrapped)}")
         return None, path
     return wrapped, path
 
@@ -488,7 +489,7 @@ def _alerts(
     if alerts is None:
         return (), ()
     if not isinstance(alerts, list):
-        reader.add(apath, f"must be an array of alerts, not {_json_type(alerts)}")
+        reader.add(apath, f"must be an array of alerts, not {json_type(alerts)}")
         return (), ()
     ids: dict[str, None] = {}
     skipped: list[SkippedAlert] = []
@@ -507,7 +508,7 @@ def _alerts(
 def _alert(reader: _Reader, item: Any, path: str) -> SkippedAlert | None:
     """One alert's identifying fields (from `properties`, or the entry itself when it has none)."""
     if not isinstance(item, dict):
-        reader.add(path, f"must be an alert (an object), not {_json_type(item)}")
+        reader.add(path, f"must be an alert (an object), not {json_type(item)}")
         return None
     fields, fpath = reader.mapping(item, "properties", path)
     if fields is None:
@@ -550,22 +551,8 @@ def _join(base: str, name: str) -> str:
     return f"{base}.{name}" if base else name
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _shown(value: Any) -> str:
-    return repr(_short(value)) if isinstance(value, str) else f"{_json_type(value)} {json.dumps(value)[:60]}"
+    return repr(_short(value)) if isinstance(value, str) else f"{json_type(value)} {json.dumps(value)[:60]}"
 
 
 def _short(value: str) -> str:

@@ -86,28 +86,51 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing
 // windows.net from the account name. Other clouds (US Government, China) have other suffixes, so there
 // the three service URIs are given explicitly (alertgate reads __tableServiceUri/__queueServiceUri too).
 var publicCloudStorage = environment().suffixes.storage == 'core.windows.net'
-var storageServiceUris = publicCloudStorage
-  ? {}
-  : {
-      AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
-      AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
-      AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
-    }
+var storageServiceUris = publicCloudStorage ? {} : {
+  AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
+  AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
+  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
+}
 
 // The platform's settings, in the allow-list of tests/infra/test_settings_consistency.py.
-var platformAppSettings = union(
-  {
-    AzureWebJobsStorage__accountName: storage.name
-    AzureWebJobsStorage__credential: 'managedidentity'
-    AzureWebJobsStorage__clientId: identityClientId
-    APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
-    // Entra-authenticated ingestion as the identity: the component has local authentication disabled.
-    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
-  },
-  storageServiceUris
-)
+var identityStorageSettings = {
+  AzureWebJobsStorage__accountName: storage.name
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identityClientId
+  APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
+  // Entra-authenticated ingestion as the identity: the component has local authentication disabled.
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+}
+var platformAppSettings = union(identityStorageSettings, storageServiceUris)
+
+var defaultAudiences = [
+  entraAppClientId
+  'api://${entraAppClientId}'
+]
+var audienceValidation = {
+  allowedAudiences: empty(entraAllowedAudiences) ? defaultAudiences : entraAllowedAudiences
+}
+var clientApplicationValidation = empty(allowedClientApplicationIds) ? {} : {
+  defaultAuthorizationPolicy: {
+    allowedApplications: allowedClientApplicationIds
+  }
+}
+
+var entraProviders = enableEntraAuth ? {
+  azureActiveDirectory: {
+    enabled: true
+    registration: {
+      clientId: entraAppClientId
+      openIdIssuer: empty(entraOpenIdIssuer) ? '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0' : entraOpenIdIssuer
+    }
+    // No list of client applications, no restriction: any application of the tenant with a token for
+    // one of the audiences may call.
+    validation: union(audienceValidation, clientApplicationValidation)
+  }
+} : {}
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_225: Zone redundancy needs a region with availability zones and zone-redundant storage; not every Flex region has zones. Set properties.zoneRedundant with storageSku Standard_ZRS where they exist.
   name: planName
   location: location
   tags: tags
@@ -121,9 +144,12 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
 }
 
-// checkov:skip=CKV_AZURE_56: Callers authenticate with function keys (auth level FUNCTION) on every route; App Service authentication is the enableEntraAuth parameter (off by default because it needs an app registration that a template cannot create).
-// checkov:skip=CKV_AZURE_221: Public network access is how Logic Apps, Sentinel playbooks and services reach the API; function keys (and optionally Entra ID) guard it. Use access restrictions or a private endpoint to narrow it.
 resource site 'Microsoft.Web/sites@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_222: Public network access is how Logic Apps, Sentinel playbooks and services reach the API; every route needs a function key (and, with enableEntraAuth, an Entra token). Add access restrictions or a private endpoint to narrow it.
+  // checkov:skip=CKV_AZURE_78: Flex Consumption has no FTP/FTPS endpoint and rejects siteConfig.ftpsState (deprecated on this plan); SCM basic-auth publishing is disabled below.
+  // checkov:skip=CKV_AZURE_17: Callers are Logic Apps and services that authenticate with a function key or an Entra token; requiring client certificates would lock them out.
+  // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero on demand and fails over by starting new instances; always-ready instances would bill around the clock for a bursty, rate-limited workload.
+  // checkov:skip=CKV_AZURE_213: App Service health check cannot send a function key, so /api/health (auth level FUNCTION) would answer it 401; monitor /api/health with a keyed availability test instead.
   name: name
   location: location
   tags: union(tags, { 'azd-service-name': serviceName })
@@ -182,54 +208,34 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
-// Optional caller authentication with Microsoft Entra ID. With it on, a call needs a token for the app
-// registration (else 401) and still the function key (the routes keep auth level FUNCTION), and
-// alertgate records the caller from the X-MS-CLIENT-PRINCIPAL-* headers App Service adds
-// (shared/api.py caller_of).
-resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (enableEntraAuth) {
+// Optional caller authentication with Microsoft Entra ID (App Service authentication). With it on, a
+// call needs a token for the app registration (else 401) and still the function key (the routes keep
+// auth level FUNCTION), and alertgate records the caller from the X-MS-CLIENT-PRINCIPAL-* headers App
+// Service adds (shared/api.py caller_of). The resource is always deployed, with the platform enabled
+// or not, so that setting enableEntraAuth back to false really turns authentication off again.
+resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_13: App Service authentication is the enableEntraAuth parameter, off by default because it needs an app registration that a template cannot create; every route needs a function key either way.
+  // checkov:skip=CKV_AZURE_63: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2, and HTTP logs of a Flex app go to Application Insights.
+  // checkov:skip=CKV_AZURE_65: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2 (detailed error pages are a web-config property).
+  // checkov:skip=CKV_AZURE_66: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2 (failed request tracing is a web-config property).
+  // checkov:skip=CKV_AZURE_80: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2, and a .NET Framework version does not apply to a Python app.
+  // checkov:skip=CKV_AZURE_88: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2, and Flex runs from the blob deployment container, not Azure Files.
+  // checkov:skip=CKV_AZURE_222: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; public network access is a site property, skipped with its reason on the site.
   parent: site
   name: 'authsettingsV2'
   properties: {
     platform: {
-      enabled: true
+      enabled: enableEntraAuth
     }
     globalValidation: {
-      requireAuthentication: true
+      requireAuthentication: enableEntraAuth
       // An API answers 401; a redirect to a login page would only confuse a Logic App.
       unauthenticatedClientAction: 'Return401'
     }
     httpSettings: {
       requireHttps: true
     }
-    identityProviders: {
-      azureActiveDirectory: {
-        enabled: true
-        registration: {
-          clientId: entraAppClientId
-          openIdIssuer: empty(entraOpenIdIssuer)
-            ? '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
-            : entraOpenIdIssuer
-        }
-        validation: union(
-          {
-            allowedAudiences: empty(entraAllowedAudiences)
-              ? [
-                  entraAppClientId
-                  'api://${entraAppClientId}'
-                ]
-              : entraAllowedAudiences
-          },
-          // No list, no restriction: any application of the tenant with a token for the audience.
-          empty(allowedClientApplicationIds)
-            ? {}
-            : {
-                defaultAuthorizationPolicy: {
-                  allowedApplications: allowedClientApplicationIds
-                }
-              }
-        )
-      }
-    }
+    identityProviders: entraProviders
     login: {
       // Service-to-service calls carry their own bearer token; nothing to store.
       tokenStore: {

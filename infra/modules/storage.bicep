@@ -42,12 +42,10 @@ param queueNames array
 @maxValue(365)
 param deleteRetentionDays int = 7
 
-// checkov:skip=CKV_AZURE_35: Flex Consumption without VNet integration reaches storage over its public endpoint; a default-deny firewall would lock the app out. Access needs an Entra token and a data role (shared keys are off); put the app in a VNet with private endpoints to close the endpoint.
-// checkov:skip=CKV_AZURE_59: Same reason as CKV_AZURE_35: public network access stays enabled for an app without VNet integration; authorization is Entra-only.
-// checkov:skip=CKV_AZURE_206: Replication is the skuName parameter (LRS by default, ZRS/GZRS allowed): the state is short-lived and not every Flex region has zones.
-// checkov:skip=CKV2_AZURE_1: Customer-managed keys need a Key Vault and key rotation this template does not own; data is encrypted at rest with Microsoft-managed keys.
-// checkov:skip=CKV_AZURE_33: Classic queue logging (storage analytics) needs shared-key-era logging; queue access is traced through Application Insights and the Azure activity log instead.
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  // checkov:skip=CKV_AZURE_35: Flex Consumption without VNet integration reaches storage over its public endpoint; a default-deny firewall would lock the app out. Access needs an Entra token and a data role (shared keys are off); put the app in a VNet with private endpoints to close the endpoint.
+  // checkov:skip=CKV_AZURE_59: Same reason as CKV_AZURE_35: public network access stays enabled for an app without VNet integration; authorization is Entra ID only (shared keys are off).
+  // checkov:skip=CKV_AZURE_206: Replication is the skuName parameter (LRS by default, ZRS/GZRS allowed): the state is short-lived and not every Flex region has zones.
   name: name
   location: location
   tags: tags

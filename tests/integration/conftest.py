@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -23,3 +23,13 @@ async def ctl(emulators: Service) -> AsyncIterator[EmulatorControl]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
+
+
+@pytest.fixture
+def own_hosts() -> Iterator[list[Service]]:
+    """Hosts a test started for itself; stopped when it ends, so they do not keep polling and sweeping
+    (and calling the shared emulator) during later tests."""
+    started: list[Service] = []
+    yield started
+    for host in started:
+        host.stop()

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -47,3 +48,14 @@ async def wait_for_operation(
 
 def sent_bodies(calls: list[dict[str, Any]]) -> list[Any]:
     return [json.loads(c["body"]) for c in calls]
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.05
+) -> None:
+    """Poll `probe` until it holds, for at most `within` seconds (and so a bounded number of times)."""
+    for _ in range(max(1, int(within / every))):
+        if await probe():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"not within {within}s: {what}")

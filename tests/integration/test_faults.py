@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -22,33 +21,12 @@ import pytest
 from devhost.services import Service
 from emulators.control import EmulatorControl
 from tests.conftest import HostPool
-from tests.integration.helpers import new_ids, post, sent_bodies, wait_for_operation
+from tests.integration.helpers import eventually, new_ids, post, sent_bodies, wait_for_operation
 
 BATCH = "/api/alerts/batchUpdate"
 ASYNC = {"Prefer": "respond-async"}
 FAST = {"AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:00.500"}
 TIMEOUT = {**FAST, "DEFENDER_HTTP_TIMEOUT_SECONDS": "1"}
-
-
-@pytest.fixture
-def own_hosts() -> Iterator[list[Service]]:
-    """Hosts a test started for itself; stopped when it ends, so they do not keep polling and sweeping
-    (and calling the shared emulator) during later tests."""
-    started: list[Service] = []
-    yield started
-    for host in started:
-        host.stop()
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.1
-) -> None:
-    """Poll `probe` until it holds, for at most `within` seconds (and so a bounded number of times)."""
-    for _ in range(max(1, int(within / every))):
-        if await probe():
-            return
-        await asyncio.sleep(every)
-    raise AssertionError(f"not within {within}s: {what}")
 
 
 async def settled_calls(ctl: EmulatorControl, count: int, within: float = 10.0) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -24,7 +23,7 @@ import pytest
 from devhost.services import Service
 from emulators.control import EmulatorControl, max_calls_in_any_window
 from tests.conftest import HostPool
-from tests.integration.helpers import new_ids, post, wait_for_operation
+from tests.integration.helpers import eventually, new_ids, post, wait_for_operation
 
 BATCH = "/api/alerts/batchUpdate"
 ASYNC = {"Prefer": "respond-async"}
@@ -35,26 +34,6 @@ RECOVERY = {
     "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:00.500",
 }
 COMMENT = "Closed by the SOC playbook"
-
-
-@pytest.fixture
-def own_hosts() -> Iterator[list[Service]]:
-    """Hosts a test started; stopped at its end so they do not keep sweeping during later tests."""
-    started: list[Service] = []
-    yield started
-    for host in started:
-        host.stop()
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.05
-) -> None:
-    """Poll `probe` until it holds, for at most `within` seconds (and so a bounded number of times)."""
-    for _ in range(max(1, int(within / every))):
-        if await probe():
-            return
-        await asyncio.sleep(every)
-    raise AssertionError(f"not within {within}s: {what}")
 
 
 async def call_in_flight(ctl: EmulatorControl, within: float = 10.0) -> dict[str, Any]:
