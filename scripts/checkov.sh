@@ -41,29 +41,48 @@ fi
 
 report=$(mktemp -d)
 trap 'rm -rf "$report"' EXIT
-# Offline: no guideline download from the vendor's platform, no PyPI version check.
+# Offline: no guideline download from the vendor's platform, no PyPI version check. Both reports go to
+# files (stdout would only add a banner); the summary below prints what matters.
+status=0
 CKV_SKIP_PACKAGE_UPDATE_CHECK=TRUE BC_SKIP_MAPPING=TRUE "$VENV/bin/checkov" \
-  --directory infra --framework bicep arm secrets --skip-download --compact --quiet \
-  --output cli --output json --output-file-path "console,$report"
+  --directory infra --framework bicep arm secrets --skip-download --compact \
+  --output cli --output json --output-file-path "$report/cli.txt,$report/results.json" >/dev/null || status=$?
 
-"$VENV/bin/python" - "$report/results_json.json" <<'PY'
-"""Fail on templates checkov could not parse; print the totals of every framework that ran."""
+"$VENV/bin/python" - "$report" "$status" <<'PY'
+"""Print the failures and the skips with their reasons; fail on parse errors too."""
 import json
 import sys
+from pathlib import Path
 
-with open(sys.argv[1], encoding="utf-8") as handle:
-    document = json.load(handle)
+report, status = Path(sys.argv[1]), int(sys.argv[2])
+document = json.loads((report / "results.json").read_text(encoding="utf-8"))
 reports = document if isinstance(document, list) else [document]
 totals = {"passed": 0, "failed": 0, "skipped": 0, "parsing_errors": 0}
-for report in reports:
-    summary = report.get("summary", report)  # a framework that found nothing reports bare totals
+unparsed, skipped = [], []
+for framework in reports:
+    summary = framework.get("summary", framework)  # a framework that found nothing reports bare totals
     for key in totals:
         totals[key] += int(summary.get(key, 0))
+    results = framework.get("results", {})
+    unparsed += results.get("parsing_errors", [])
+    skipped += results.get("skipped_checks", [])
+failed = [c for framework in reports for c in framework.get("results", {}).get("failed_checks", [])]
+for check in failed:
+    first, last = check.get("file_line_range", [0, 0])
+    print(f"FAILED {check['check_id']} {check['check_name']}")
+    print(f"  on {check['resource']} in infra{check['file_path']}:{first}-{last}")
+    print("  fix it, or skip it inside the resource: // checkov:skip=" + check["check_id"] + ": <why>")
+if status and not failed:
+    print((report / "cli.txt").read_text(encoding="utf-8"))  # checkov failed for another reason
+for check in sorted(skipped, key=lambda c: (c["file_path"], c["check_id"])):
+    reason = check.get("check_result", {}).get("suppress_comment", "")
+    print(f"skipped {check['check_id']} on {check['resource']} ({check['file_path'].lstrip('/')}): {reason}")
 print("checkov: passed {passed}, failed {failed}, skipped {skipped}, parsing errors {parsing_errors}".format(**totals))
-if totals["parsing_errors"]:
-    sys.exit("checkov could not parse a template (it skips such files): fix the syntax it names above")
+if unparsed or totals["parsing_errors"]:
+    sys.exit(f"checkov could not parse {unparsed or 'a template'} (it would skip such files): fix the syntax")
 if totals["passed"] + totals["failed"] + totals["skipped"] == 0:
     sys.exit("checkov ran no check: are the templates still in infra/?")
+sys.exit(status)
 PY
 
 echo "== shellcheck (infra/*.sh)"

@@ -11,5 +11,6 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy"
 .venv/bin/mypy
+bash scripts/checkov.sh # infra/: checkov and shellcheck, offline, in their own .venv-checkov
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

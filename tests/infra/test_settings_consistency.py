@@ -120,7 +120,9 @@ def bicep_app_setting_names(*paths: Path) -> set[str]:
     """Every object key in the files that names an app setting (UPPER_SNAKE_CASE or AzureWebJobs*)."""
     names: set[str] = set()
     for path in paths:
-        for quoted, bare in _OBJECT_KEY.findall(bicep_code(path.read_text(encoding="utf-8"), keep_strings=True)):
+        for quoted, bare in _OBJECT_KEY.findall(
+            bicep_code(path.read_text(encoding="utf-8"), keep_strings=True)
+        ):
             key = quoted or bare
             if _APP_SETTING.match(key):
                 names.add(key)
@@ -145,7 +147,9 @@ def bicep_string(literal: str) -> str:
 def bicep_param_defaults(path: Path) -> dict[str, Any]:
     """Parameters with a literal default: string, int, bool, or an empty object. Others map to None."""
     defaults: dict[str, Any] = {}
-    for name, kind, default in _PARAM.findall(bicep_code(path.read_text(encoding="utf-8"), keep_strings=True)):
+    for name, kind, default in _PARAM.findall(
+        bicep_code(path.read_text(encoding="utf-8"), keep_strings=True)
+    ):
         value: Any = None
         if default.startswith("'") and default.endswith("'"):
             value = bicep_string(default)
@@ -188,7 +192,7 @@ def bicep_block(path: Path, var_name: str, opener: str) -> str:
 def app_setting_sources(path: Path, var_name: str) -> dict[str, str]:
     """setting name -> its Bicep expression, from the object assigned to `var <var_name>`."""
     lines = bicep_block(path, var_name, "{").splitlines()
-    pairs = (re.match(r"^\s*([A-Z][A-Z0-9_]*)\s*:\s*(.+?)\s*$", line) for line in lines)
+    pairs = (re.match(r"^\s*([A-Za-z_]\w*)\s*:\s*(.+?)\s*$", line) for line in lines)
     return {m.group(1): m.group(2) for m in pairs if m}
 
 
@@ -266,7 +270,9 @@ def test_a_setting_added_in_one_place_only_is_reported(place: str, extra: str) -
 
 def test_the_allow_list_hides_no_setting_of_alertgate_and_covers_the_platform_names() -> None:
     own = code_settings()
-    assert not {n for n in own if is_platform(n)}, "an allow-list entry matches one of alertgate's own settings"
+    assert not {n for n in own if is_platform(n)}, (
+        "an allow-list entry matches one of alertgate's own settings"
+    )
     assert all(is_platform(n) for n in PLATFORM_NAMES), (
         f"shared.settings.PLATFORM_NAMES not in the allow-list: {sorted(n for n in PLATFORM_NAMES if not is_platform(n))}"
     )
@@ -332,7 +338,9 @@ async def test_storage_holds_exactly_the_tables_and_queues_the_app_uses() -> Non
 
     params = bicep_param_defaults(MAIN_BICEP)
     listed = {
-        var: [evaluate(item, params) for item in bicep_block(MAIN_BICEP, var, "[").split("\n") if item.strip()]
+        var: [
+            evaluate(item, params) for item in bicep_block(MAIN_BICEP, var, "[").split("\n") if item.strip()
+        ]
         for var in ("tableNames", "queueNames")
     }
     queues = {f["queue"] for f in registered_functions() if f["type"] == "queueTrigger"}
