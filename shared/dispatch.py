@@ -284,7 +284,9 @@ class Sender:
         if chunk.state == PendingState.SENDING:
             age = self._clock() - chunk.sending_since
             if age < self.sending_lease:
-                await self.schedule(chunk, self.sending_lease - age)
+                # Someone's call is in flight: look again once it must have ended. The chunk itself is left
+                # alone (changing it would make that sender's own record of the outcome fail its ETag).
+                await self.queues.send_chunk(chunk.chunk_id, token, self.sending_lease - age)
                 return "in-flight-elsewhere"
             resolved = await self.resolve_stale_send(chunk)
             if resolved is None or resolved.kind is not AttemptKind.DEFERRED:
