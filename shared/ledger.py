@@ -372,9 +372,10 @@ class Ledger:
         if operation.last_seq < operation.first_seq:
             return []
         lo, hi = seq_key(operation.first_seq), seq_key(operation.last_seq + 1)
-        pending, finished = await asyncio.gather(
-            self._range(f"p-{lo}", f"p-{hi}"), self._range(f"r-{lo}", f"r-{hi}")
-        )
+        # Pending first, then finished: a chunk that finishes between the two reads is then seen at least
+        # once (read side by side, it could be missed by both and the operation look done without it).
+        pending = await self._range(f"p-{lo}", f"p-{hi}")
+        finished = await self._range(f"r-{lo}", f"r-{hi}")
         by_id = {c.chunk_id: c for c in pending}
         by_id.update({c.chunk_id: c for c in finished})
         return [by_id[k] for k in sorted(by_id)]

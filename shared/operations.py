@@ -31,7 +31,8 @@ def status_of(operation: Operation, chunks: list[Chunk]) -> OperationStatus:
     if operation.invalid_status is not None:
         return OperationStatus("Failed", operation.invalid_status, True)
     pending = [c for c in chunks if not c.finished]
-    if pending:
+    seen = {c.seq for c in chunks}
+    if pending or any(seq not in seen for seq in range(operation.first_seq, operation.last_seq + 1)):
         started = any(c.attempts > 0 or c.state == PendingState.SENDING for c in chunks)
         return OperationStatus("Running" if started else "Queued", 202, False)
     succeeded = sum(1 for c in chunks if c.state == ChunkResult.SUCCEEDED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from shared.dispatch import backoff, plan_chunks
@@ -45,7 +47,7 @@ def chunk(n: int, state: str, attempts: int = 1, answer: int = 0) -> Chunk:
 )
 def test_status_rules(states: list[tuple[str, int, int]], expected: tuple[str, int, bool]) -> None:
     chunks = [chunk(i, s, a, h) for i, (s, a, h) in enumerate(states)]
-    state = status_of(OP, chunks)
+    state = status_of(replace(OP, first_seq=0, last_seq=len(chunks) - 1), chunks)
     assert (state.status, state.http_status, state.terminal) == expected
 
 
@@ -86,3 +88,10 @@ def test_operation_ids_are_canonical_uuids() -> None:
     assert is_operation_id("3f1c0e52-5d7a-4f8e-9a57-2f1f3c9b7e10")
     assert not is_operation_id("3F1C0E52-5D7A-4F8E-9A57-2F1F3C9B7E10x")
     assert not is_operation_id("../../etc")
+
+
+def test_a_chunk_missing_from_a_read_keeps_the_operation_running() -> None:
+    """Chunk 1 finished between the reads of pending and finished chunks and was seen in neither."""
+    op = replace(OP, first_seq=0, last_seq=1)
+    state = status_of(op, [chunk(0, ChunkResult.SUCCEEDED, 1, 200)])
+    assert (state.status, state.http_status, state.terminal) == ("Running", 202, False)
