@@ -35,6 +35,7 @@ import contextlib
 import math
 import random
 import re
+import statistics
 import time
 import uuid
 from collections import Counter
@@ -79,6 +80,21 @@ def minimum_schedule(arrivals: list[float], windows: tuple[RateWindow, ...]) -> 
     return times
 
 
+def idle_budget(calls: list[float], arrivals: list[float], windows: tuple[RateWindow, ...]) -> list[float]:
+    """For each call, how long after the earliest moment the windows allowed it (given the calls before
+    it and the arrivals) it was made: time the budget sat free while an update waited. Spent-but-unused
+    grants are invisible at the emulator, so their cost shows here too."""
+    ordered, pending = sorted(calls), sorted(arrivals)
+    late: list[float] = []
+    for k, made in enumerate(ordered):
+        earliest = pending[k] if k < len(pending) else 0.0
+        for window in windows:
+            if k >= window.calls:
+                earliest = max(earliest, ordered[k - window.calls] + window.seconds)
+        late.append(made - earliest)
+    return late
+
+
 def logic_apps_interval(retry: int, rng: random.Random, time_factor: float) -> float:
     """Logic Apps' default exponential retry interval for retry 1..4, divided by the time factor."""
     low = LOGIC_APPS_MIN if retry == 1 else max(LOGIC_APPS_INTERVAL * 2 ** (retry - 2), LOGIC_APPS_MIN)
@@ -98,7 +114,8 @@ class Outcome:
     peak_rss_kib: int = 0
     hwm_kib: int = 0
     worker: Counter[str] = field(default_factory=Counter)  # chunks-queue invocations by outcome
-    stale_grants: int = 0  # grants given up because the call would have started too late
+    stale_grants: list[float] = field(default_factory=list)  # when grants were given up as too old
+    first_arrival_wall: float = 0.0  # the first arrival on the wall clock, to place host log lines
 
     def times(self, status: int | None = None) -> list[float]:
         return sorted(
@@ -116,9 +133,13 @@ class Outcome:
 
 def read_host_log(outcome: Outcome, text: str) -> None:
     """What the host's log says about the drain: how each chunks-queue message ended (`finished`,
-    `deferred`, ...) and how many grants were spent without a call because they had grown too old."""
+    `deferred`, ...) and when grants were spent without a call because they had grown too old (log
+    lines carry the host's local wall-clock time to the millisecond)."""
     outcome.worker.update(re.findall(r"chunk message \S+: (\S+)", text))
-    outcome.stale_grants = text.count("grant too old when its call would start")
+    for stamp in re.findall(r"^(\S+ \S+) INFO \S+ chunk \S+: grant too old", text, re.MULTILINE):
+        seconds, _, millis = stamp.partition(",")
+        wall = time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis or 0) / 1000
+        outcome.stale_grants.append(wall - outcome.first_arrival_wall)
 
 
 async def wait_until_applied(ctl: EmulatorControl, ids: set[str], deadline: float) -> list[dict[str, Any]]:
@@ -160,6 +181,7 @@ async def run_alertgate(stack: Stack, base_url: str, pid: int, offsets: list[flo
         sampler = asyncio.create_task(sample_rss(pid, outcome, stop))
         start = loop.time() + 0.2
         outcome.first_arrival = start + offsets[0]
+        outcome.first_arrival_wall = time.time() + (outcome.first_arrival - loop.time())
 
         async def arrive(n: int, offset: float) -> None:
             await asyncio.sleep(max(0.0, start + offset - loop.time()))
@@ -261,9 +283,13 @@ def report(
     windows: tuple[RateWindow, ...],
     time_factor: float,
     margin: float,
+    arrivals: list[float],
     schedule: list[float],
 ) -> list[str]:
     minimum = schedule[-1]
+    first = min(arrivals)
+    widened = tuple(RateWindow(w.calls, w.seconds + margin) for w in windows)
+    with_margin = minimum_schedule(arrivals, widened)[-1] - first
     limits = ",".join(f"{w.calls}/{w.seconds:g}" for w in windows)
     tables = [summary(o, updates, minimum, windows) for o in outcomes]
     width = max(len(k) for k in tables[0])
@@ -278,6 +304,8 @@ def report(
         "queue maxPollingInterval 0.5 s",
         f"theoretical minimum: {minimum:.2f} s from the first arrival to the last update applied "
         "(the windows without margin)",
+        f"the same with alertgate's margin added to every window: {with_margin:.2f} s "
+        f"({with_margin / minimum:.3f}x): what the margin alone costs",
         "times are from the first arrival, at the emulator",
         "",
         f"{'':<{width}}  " + "  ".join(f"{o.name:>{c}}" for o, c in zip(outcomes, cols, strict=True)),
@@ -294,10 +322,18 @@ def report(
         for k in sorted({*range(10, len(applied) + 1, 10), len(applied)})
         if k <= len(schedule)
     )
+    idle = idle_budget(gate.times(), [a - first for a in arrivals], widened)
     lines += [
         f"alertgate's n-th update applied vs the theoretical minimum's, seconds late: {lags}",
+        "alertgate's calls vs the earliest its own windows (with margin) allowed after its earlier calls: "
+        f"median {statistics.median(idle):.2f} s late, max {max(idle):.2f} s (call {idle.index(max(idle)) + 1}), "
+        f"{sum(1 for v in idle if v > 0.5)} of {len(idle)} calls more than 0.5 s late"
+        if idle
+        else "alertgate made no calls",
         f"alertgate's chunks-queue invocations by outcome: {dict(sorted(gate.worker.items()))}; "
-        f"grants given up as too old when the call would start (budget spent, no call): {gate.stale_grants}",
+        "grants given up as too old when the call would start (budget spent, no call): "
+        f"{len(gate.stale_grants)}"
+        + (f", at {', '.join(f'{t:.2f}' for t in gate.stale_grants)} s" if gate.stale_grants else ""),
         f"alertgate's answers to callers: {dict(sorted(gate.answers.items()))}; operations at the end: "
         f"{dict(sorted(gate.operation_states.items()))}",
         f"naive forwarder's answers from MDE, retries included: {dict(sorted(outcomes[1].answers.items()))}",
@@ -443,7 +479,9 @@ def run(args: argparse.Namespace) -> None:
     outcomes = [gate, naive]
     print(
         "\n".join(
-            report(outcomes, args.updates, args.spread, windows, args.time_factor, args.margin, schedule)
+            report(
+                outcomes, args.updates, args.spread, windows, args.time_factor, args.margin, offsets, schedule
+            )
         )
     )
     title = (
