@@ -18,10 +18,11 @@ host's process during alertgate's drain (issue 6: at most 200 MB), and a PNG of 
   deferred updates drain from the chunks queue at the scaled pace.
 - The naive forwarder: what a Logic App's HTTP action does with MDE directly. One call per update; on
   408, 429 or 5xx up to 4 retries with the Logic Apps default policy ("exponential interval", interval
-  7.5 s, minimum 5 s, maximum 45 s: retry n waits a uniformly drawn time between max(interval *
-  2^(n-2), 5 s) (0 s for the first retry's lower end, then 5 s) and min(interval * 2^(n-1), 45 s)), those
-  intervals divided by `--time-factor`, and never sooner than the answer's Retry-After (which the
-  emulator already gives in its scaled seconds). After the 4th retry fails the update is lost.
+  7.5 s, minimum 5 s, maximum 45 s: as Microsoft documents the ranges, retry n waits a uniformly drawn
+  time between max(interval * 2^(n-2), 5 s) (for the first retry max(0, 5 s)) and min(interval *
+  2^(n-1), 45 s)), those intervals divided by `--time-factor`, and never sooner than the answer's
+  Retry-After (which the emulator already gives in its scaled seconds). After the 4th retry fails the
+  update is lost.
 
 The emulator is reset between the two runs. Everything is bounded by `--timeout` per run, and every
 service is stopped at the end whatever happens.
