@@ -29,17 +29,12 @@ from types import TracebackType
 import aiohttp
 
 from devhost.services import (
-    LOOPBACK,
     REPO_ROOT,
-    AzuritePorts,
     Service,
-    azurite_bin,
-    azurite_connection_string,
-    free_port,
     local_app_env,
+    start_azurite,
     start_devhost,
     start_emulators,
-    wait_for_port,
 )
 
 MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
@@ -120,47 +115,6 @@ async def fetch_token(session: aiohttp.ClientSession, identity_url: str, identit
     return str(body["access_token"])
 
 
-def start_azurite_with_log(log_dir: Path, debug_log: Path | None = None, timeout: float = 30.0) -> Service:
-    """Azurite's Queue and Table services on free loopback ports, in memory, telemetry off; with
-    `debug_log`, Azurite writes every request it serves there (`--debug`)."""
-    ports = AzuritePorts(queue=free_port(), table=free_port())
-    argv = [
-        str(azurite_bin()),
-        "--silent",
-        "--disableTelemetry",
-        "--skipApiVersionCheck",
-        "--loose",
-        "--inMemoryPersistence",
-        "--blobHost", LOOPBACK, "--blobPort", "0",
-        "--queueHost", LOOPBACK, "--queuePort", str(ports.queue),
-        "--tableHost", LOOPBACK, "--tablePort", str(ports.table),
-    ]  # fmt: skip
-    if debug_log is not None:
-        argv += ["--debug", str(debug_log)]
-    name = "azurite-debug" if debug_log is not None else "azurite"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    service = Service(name=name, proc=proc, log_path=log_path)
-    try:
-        for port in (ports.queue, ports.table):
-            wait_for_port(port, timeout=timeout, proc=proc)
-    except (RuntimeError, TimeoutError) as exc:
-        service.stop()
-        raise RuntimeError(f"Azurite did not start: {exc}\n{service.log_tail()}") from exc
-    service.urls["connection_string"] = azurite_connection_string(ports)
-    service.urls["table_port"] = str(ports.table)
-    return service
-
-
 @dataclass
 class Stack:
     """Azurite, the emulators and any number of development hosts for one benchmark, in a temporary
@@ -180,7 +134,7 @@ class Stack:
         self.log_dir = Path(self._tmp.name)
         try:
             debug = self.log_dir / "azurite-debug.log" if self.azurite_debug else None
-            self.azurite = start_azurite_with_log(self.log_dir, debug)
+            self.azurite = start_azurite(self.log_dir, debug_log=debug)
             self.emulators = start_emulators(
                 self.log_dir, extra_args=["--rate-limits", self.emulator_rate_limits]
             )

@@ -139,6 +139,7 @@ def start_azurite(
     *,
     ports: AzuritePorts | None = None,
     location: Path | None = None,
+    debug_log: Path | None = None,
     timeout: float = 30.0,
 ) -> Service:
     """Azurite's Queue and Table services on loopback, telemetry off.
@@ -162,11 +163,14 @@ def start_azurite(
     else:
         location.mkdir(parents=True, exist_ok=True)
         argv += ["--location", str(location)]
+    if debug_log is not None:  # every request Azurite serves (the gateway benchmark counts them)
+        argv += ["--debug", str(debug_log)]
     service = _spawn("azurite", argv, log_dir)
     _wait_ready(service, [ports.queue, ports.table], timeout)
     service.urls["connection_string"] = azurite_connection_string(ports)
     service.urls["queue"] = f"http://{LOOPBACK}:{ports.queue}/{AZURITE_ACCOUNT}"
     service.urls["table"] = f"http://{LOOPBACK}:{ports.table}/{AZURITE_ACCOUNT}"
+    service.urls["table_port"] = str(ports.table)
     return service
 
 
