@@ -37,6 +37,20 @@ def emulators(log_dir: Path) -> Iterator[Service]:
     service.stop()
 
 
+def isolated_settings(prefix: str) -> dict[str, str]:
+    """Tables and queues of a host's own (hosts share one Azurite), a budget that does not get in the way
+    unless a test sets one, and no derived keys unless a test wants them."""
+    tag = f"{prefix}{uuid.uuid4().hex[:8]}"
+    return {
+        "TABLE_PREFIX": tag,
+        "CHUNKS_QUEUE": f"chunks-{tag}",
+        "REQUESTS_QUEUE": f"requests-{tag}",
+        "DEFENDER_RATE_LIMITS": "2000/1",
+        "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0",
+        "DERIVED_KEY_TTL_SECONDS": "0",
+    }
+
+
 class HostPool:
     """Development hosts of the real app, one per distinct set of setting overrides, kept for the session.
 
@@ -55,16 +69,7 @@ class HostPool:
     def env(self, overrides: dict[str, str]) -> dict[str, str]:
         """Each host gets its own tables and queues (hosts share one Azurite), a budget that does not get
         in the way unless a test sets one, and no derived keys unless a test wants them."""
-        tag = f"t{uuid.uuid4().hex[:8]}"
-        isolated = {
-            "TABLE_PREFIX": tag,
-            "CHUNKS_QUEUE": f"chunks-{tag}",
-            "REQUESTS_QUEUE": f"requests-{tag}",
-            "DEFENDER_RATE_LIMITS": "2000/1",
-            "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0",
-            "DERIVED_KEY_TTL_SECONDS": "0",
-            "SYNC_MAX_WAIT_SECONDS": "2",
-        }
+        isolated = {**isolated_settings("t"), "SYNC_MAX_WAIT_SECONDS": "2"}
         return local_app_env(
             connection_string=self._azurite.urls["connection_string"],
             mde_url=self._emulators.urls["mde"],

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from devhost.services import LOOPBACK, AzuritePorts, Service, free_port, local_app_env, start_azurite
 from emulators.control import EmulatorControl
+from tests.conftest import isolated_settings
 
 FULL_ENV = "ALERTGATE_FULL"
 
@@ -127,14 +127,8 @@ def app_env(connection_string: str, emulators: Service, **overrides: str) -> dic
     """The environment of a host of the app against this storage and these emulators, with tables and
     queues of its own (as tests/conftest.py's HostPool gives, for cases that bring their own Azurite or
     emulators) and a budget that does not get in the way unless the case sets one."""
-    tag = f"r{uuid.uuid4().hex[:8]}"
     isolated = {
-        "TABLE_PREFIX": tag,
-        "CHUNKS_QUEUE": f"chunks-{tag}",
-        "REQUESTS_QUEUE": f"requests-{tag}",
-        "DEFENDER_RATE_LIMITS": "2000/1",
-        "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0",
-        "DERIVED_KEY_TTL_SECONDS": "0",
+        **isolated_settings("r"),
         "AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:00.500",
     }
     return local_app_env(
