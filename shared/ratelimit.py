@@ -4,8 +4,8 @@ MDE allows each app + tenant a fixed number of batchUpdate calls per window (10 
 hour), however many Functions instances make them, so the budget lives in one entity that all instances
 read and write (DESIGN §3):
 
-- `Log` holds a sliding log of grant times (epoch milliseconds, sorted, comma-separated), trimmed to
-  what the longest window can still need. A sliding log, unlike a fixed-window counter, is exact over
+- `Log` holds a sliding log of grant times, reserved future slots included (epoch milliseconds, sorted,
+  comma-separated), trimmed to what the longest window can still need. A sliding log, unlike a fixed-window counter, is exact over
   *any* window-long interval: a counter reset at a boundary lets 2N calls through in a moment.
 - `BlockedUntil` (epoch milliseconds, 0 if none) is set when MDE answers 429 with Retry-After, so every
   instance waits, not only the one that was told.
@@ -14,12 +14,22 @@ Every window is checked and the grant spent in one ETag-conditioned REPLACE, so 
 nothing and a denial (which writes nothing) never spends another window. A 412 means another instance
 wrote first: the limiter re-reads and decides again, with jitter, a bounded number of times.
 
+Reservations: a caller willing to wait (`acquire(max_wait)` with `max_wait > 0`) for whom no call fits
+now does not sleep and try again. It writes the earliest future slot T that fits (`next_slot`) into the
+log, in the same single conditional write a grant takes, then sleeps until T and returns `Grant(at=T)`.
+Entries are added in order (FIFO: a new entry is never before the last logged one), which makes the
+check exact and serves waiters, across instances, in the order their writes landed; the budget is
+spent at the moment it frees up instead of at the next wake-up of a herd of retrying sleepers. A
+reserved entry counts like a grant everywhere (decisions, trimming, the health snapshot). A reserved
+caller never calls before T; if it learns of a 429 block covering T meanwhile it does not call at all
+(an unused slot only wastes budget, which never breaks a limit).
+
 `RATE_LIMIT_SAFETY_MARGIN_SECONDS` is added to every window: a grant stays in the log for W + margin
 seconds, which absorbs clock skew between instances and the delay between a grant and the call's
 arrival at MDE.
 
-The decision itself (`decide`) and the log handling are pure module-level functions, so the rules can be
-tested exactly without storage or real time.
+The decision itself (`next_slot`, and `decide` on top of it) and the log handling are pure
+module-level functions, so the rules can be tested exactly without storage or real time.
 """
 
 from __future__ import annotations
@@ -68,7 +78,11 @@ class LimiterContentionError(AlertgateError):
 
 @dataclass(frozen=True)
 class Grant:
-    """One call may be made now; it is already counted in the shared log at `at` (epoch seconds)."""
+    """One call may be made now; it is already counted in the shared log at `at` (epoch seconds).
+
+    `at` is never after the moment the Grant is returned: a reservation's Grant is returned only once
+    the clock has reached its slot.
+    """
 
     at: float
 
@@ -77,8 +91,8 @@ class Grant:
 class Denial:
     """No call may be made yet; `wait_seconds` (> 0) is the earliest a call could be granted.
 
-    It is a lower bound: other instances may spend the budget meanwhile, so the caller must still
-    acquire (never assume a grant) when the wait is over.
+    It is a lower bound: other instances may spend or reserve the budget meanwhile, so the caller must
+    still acquire (never assume a grant) when the wait is over.
     """
 
     wait_seconds: float
@@ -86,7 +100,8 @@ class Denial:
 
 @dataclass(frozen=True)
 class WindowState:
-    """One window's budget at a moment: `used` grants still count against it, `remaining` may be made."""
+    """One window's budget at a moment: `used` entries (grants, reserved slots too) still count against
+    it, `remaining` may be made."""
 
     calls: int
     seconds: float
@@ -119,10 +134,48 @@ def span_ms(window: RateWindow, margin_seconds: float) -> int:
 def window_usage(log_ms: Sequence[int], now_ms: int, window: RateWindow, margin_seconds: float) -> int:
     """How many logged grants count against `window` at `now_ms`: those with `now - t < W + margin`.
 
-    Entries ahead of `now_ms` (written by an instance whose clock runs ahead) count too: the log only
-    errs on the strict side.
+    Entries ahead of `now_ms` (reservations, or grants of an instance whose clock runs ahead) count too:
+    they are spent, and the log only errs on the strict side. So `used` can exceed N while a queue of
+    reservations waits.
     """
     return len(log_ms) - bisect.bisect_right(log_ms, now_ms - span_ms(window, margin_seconds))
+
+
+def next_slot(
+    log_ms: Sequence[int],
+    blocked_until_ms: int,
+    now_ms: int,
+    windows: Sequence[RateWindow],
+    margin_seconds: float,
+) -> int:
+    """The earliest time, not before `now_ms`, at which one more call fits: where the next entry goes.
+
+    T = max(now, the last logged entry, `blocked_until_ms`, and for every window of N calls whose log
+    has at least N entries, log[-N] + span), where span = W + margin (`span_ms`). `log_ms` must be
+    sorted ascending.
+
+    Entries are added in order (FIFO): T is never before the last logged entry. That makes the check
+    exact. With every entry <= T, any interval of length span that contains T holds, besides T, only
+    entries of (T - span, T]; intervals without T are unchanged. So T keeps every window-long interval
+    at N calls or fewer iff fewer than N entries lie in (T - span, T], which (the log being sorted) is
+    iff the log has fewer than N entries or its N-th most recent is at most T - span, i.e.
+    T >= log[-N] + span. Each term of the max is therefore needed and together they suffice: no
+    earlier T fits, and this one does.
+
+    An entry at T is a promise that the call is made at T or later, never earlier. The check above
+    covers only intervals containing T; a call made at t < T also falls in intervals ending before T,
+    such as (t - span, t], which reach further back and may already hold N entries (T was later than
+    now precisely because some window or the block had no room before it), so the early call could be
+    the N + 1st. Calling later than T is the lag between a grant and its call's arrival at MDE that the
+    safety margin absorbs, as for any grant.
+    """
+    slot = max(now_ms, blocked_until_ms)
+    if log_ms:
+        slot = max(slot, log_ms[-1])
+    for window in windows:
+        if len(log_ms) >= window.calls:
+            slot = max(slot, log_ms[-window.calls] + span_ms(window, margin_seconds))
+    return slot
 
 
 def decide(
@@ -134,31 +187,28 @@ def decide(
 ) -> float:
     """Seconds to wait before a call may be granted at `now_ms`; 0 means grant now.
 
-    A call is granted only if, for every window of N calls per W seconds, fewer than N logged grants lie
-    in the last W + margin seconds, and `now_ms` is not before `blocked_until_ms`. Otherwise the wait is
-    until the earliest moment every window admits a call and the block is over. Each window's admission
-    only improves as time passes (no grant is added while waiting), so that moment is the latest of the
-    windows' own moments: for a full window, when its N-th most recent grant leaves W + margin (then at
-    most N - 1 remain inside). `log_ms` must be sorted ascending.
+    This is `next_slot` less `now_ms`: a call is granted now only if now is the earliest slot, i.e. for
+    every window of N calls per W seconds fewer than N logged entries lie in the last W + margin
+    seconds, `now_ms` is not before `blocked_until_ms`, and no entry lies ahead of `now_ms`. Entries
+    ahead of now are reservations other instances hold (or grants of an instance whose clock runs
+    ahead); a new entry goes after them (FIFO), so a denial's wait accounts for them: with a queue of
+    reservations it is the wait until the slot after the last one, not until the budget first frees up.
+    The wait is a lower bound, since other instances may reserve meanwhile. `log_ms` must be sorted
+    ascending.
     """
-    wait_ms = max(0, blocked_until_ms - now_ms)
-    for window in windows:
-        span = span_ms(window, margin_seconds)
-        if window_usage(log_ms, now_ms, window, margin_seconds) >= window.calls:
-            nth_most_recent = log_ms[-window.calls]
-            wait_ms = max(wait_ms, nth_most_recent + span - now_ms)
-    return wait_ms / 1000
+    return (next_slot(log_ms, blocked_until_ms, now_ms, windows, margin_seconds) - now_ms) / 1000
 
 
 def trim_log(
     log_ms: Sequence[int], now_ms: int, windows: Sequence[RateWindow], margin_seconds: float
 ) -> list[int]:
-    """Keep only the grants a future decision can need.
+    """Keep only the entries (grants and reservations) a future decision can need.
 
-    A decision at `now_ms` or later looks at most W + margin back for the longest window, and at most at
-    the N most recent grants of each window (whether the N-th most recent is inside decides it), so
-    entries older than the longest span, and all but the most recent max(N) entries, can go. The second
-    rule bounds the property's size even if the windows are reconfigured to fewer calls.
+    A decision at `now_ms` or later (`next_slot`) looks at the last entry and, for each window, at the
+    N-th most recent one, which matters only if it lies within W + margin of the decision; so entries
+    older than the longest span as of `now_ms`, and all but the most recent max(N) entries, can go. The
+    second rule bounds the property's size even if the windows are reconfigured to fewer calls. Entries
+    in the future (reservations) are the most recent ones, so they always stay.
     """
     longest = max(span_ms(w, margin_seconds) for w in windows)
     keep_from = bisect.bisect_right(log_ms, now_ms - longest)
@@ -167,12 +217,24 @@ def trim_log(
 
 
 def record_grant(
-    log_ms: Sequence[int], now_ms: int, windows: Sequence[RateWindow], margin_seconds: float
+    log_ms: Sequence[int],
+    at_ms: int,
+    windows: Sequence[RateWindow],
+    margin_seconds: float,
+    *,
+    now_ms: int | None = None,
 ) -> list[int]:
-    """The log after a grant at `now_ms`: inserted in order (another instance's clock may run ahead), then trimmed."""
+    """The log after a grant or reservation at `at_ms`: inserted in order, then trimmed as of `now_ms`.
+
+    The slot from `next_slot` is never before the last entry, so it is appended; insertion in order
+    keeps the log sorted whatever it is given. Trimming is as of `now_ms` (default `at_ms`), not the
+    reserved time: entries that still count at `now_ms` must stay for the health snapshot and for any
+    instance deciding at its own now. A future entry is never trimmed (it is the latest, and trimming
+    keeps the most recent entries).
+    """
     updated = list(log_ms)
-    bisect.insort(updated, now_ms)
-    return trim_log(updated, now_ms, windows, margin_seconds)
+    bisect.insort(updated, at_ms)
+    return trim_log(updated, at_ms if now_ms is None else now_ms, windows, margin_seconds)
 
 
 def parse_log(text: str) -> list[int]:
@@ -227,7 +289,8 @@ class RateLimiter:
     sound: a stale cached log can only lack grants made since (trimmed entries no longer count, and
     BlockedUntil only grows), so a denial computed from it is never wrong, and a grant computed from it
     is written only if the ETag still matches. An asyncio.Lock serialises this process's acquirers so
-    they do not make each other's writes fail with 412.
+    they do not make each other's writes fail with 412; it is held for a decision and its write, never
+    for the sleep until a reserved slot.
 
     The table is created by the caller; the entity is created here on first use.
     """
@@ -236,10 +299,16 @@ class RateLimiter:
     """412s in a row before LimiterContentionError (a class attribute so tests can lower it)."""
 
     CONTENTION_GRACE_SECONDS = 5.0
-    """How far past `max_wait` the 412 retries may go: enough for 30 jittered attempts, yet bounded."""
+    """How long one call's 412 retries may go on, counted from the call (they all come before any sleep
+    until a reserved slot): enough for 30 jittered attempts, yet bounded."""
 
     SLEEP_SLACK_SECONDS = 0.002
-    """Added to a budget sleep so the clock has surely passed the millisecond the grant leaves at."""
+    """Added to the sleep until a reserved slot so the clock has surely reached the slot's millisecond."""
+
+    WAKE_TOLERANCE_SECONDS = 1.0
+    """How long past its slot (by the event loop's monotonic clock) a reserved caller keeps waiting for
+    the limiter's clock to reach the slot, should that clock be set back meanwhile; then it gives up the
+    slot with a Denial rather than call early."""
 
     def __init__(
         self,
@@ -270,6 +339,7 @@ class RateLimiter:
         self._row_key = row_key
         self._clock = clock
         self._cached: _Cached | None = None
+        self._known_block_ms = 0  # the latest BlockedUntil this object has read or written
         self._lock = asyncio.Lock()
         self.table_operations = 0
 
@@ -278,37 +348,91 @@ class RateLimiter:
     async def acquire(self, max_wait: float = 0.0) -> Grant | Denial:
         """Spend one call from every window, waiting up to `max_wait` seconds for budget.
 
-        With `max_wait == 0` it never sleeps for budget. Otherwise it sleeps until the budget should
-        allow a call (never longer than what is left of `max_wait`) and tries again. A denial whose wait
-        is longer than what is left is returned at once: the wait can only grow with what other
-        instances do, so sleeping on could not end in a grant.
+        If a call fits now, it is granted at once. Otherwise, if the earliest slot that fits
+        (`next_slot`) is at most `max_wait` away, the slot is reserved (written into the shared log in
+        the one conditional write a grant takes), and after sleeping until it (outside the lock) the
+        Grant is returned with `at` = the slot: a Grant from `acquire` always means "you may call now".
+        If the slot is further away, a Denial with the wait until it is returned at once and nothing is
+        written. With `max_wait == 0` it never reserves nor sleeps for budget. It is `reserve` followed
+        by `wait_for`.
+        """
+        outcome = await self.reserve(max_wait)
+        return outcome if isinstance(outcome, Denial) else await self.wait_for(outcome)
+
+    async def reserve(self, max_wait: float = 0.0) -> Grant | Denial:
+        """Like `acquire`, but without the sleep: a reserved slot comes back as a Grant whose `at` may lie
+        ahead, and the caller must not call before `wait_for(grant)` has returned a Grant.
+
+        This lets a caller prepare its call (the dispatcher marks its chunk Sending) while the slot
+        approaches, so that the call leaves at the slot rather than a write's latency after it.
 
         Losing a conditional write to another instance is not a denial (the budget had room), so 412
-        retries go on with jitter up to MAX_CONFLICT_ATTEMPTS in a row and at most
-        CONTENTION_GRACE_SECONDS past `max_wait`; under heavy contention a grant can therefore come a
-        little after `max_wait`. When they are exhausted it raises LimiterContentionError.
+        retries go on with jitter up to MAX_CONFLICT_ATTEMPTS in a row and for at most
+        CONTENTION_GRACE_SECONDS from the call; time they take comes out of `max_wait`, but a call
+        that fits at once is granted even when none is left, so under heavy contention a grant can come
+        a little after `max_wait`. When they are exhausted it raises LimiterContentionError.
         """
         if not (math.isfinite(max_wait) and max_wait >= 0):
             raise ValueError("max_wait must be a finite number of seconds, at least 0")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max_wait
-        give_up = deadline + self.CONTENTION_GRACE_SECONDS
+        started = loop.time()
+        deadline = started + max_wait
+        give_up = started + self.CONTENTION_GRACE_SECONDS
         conflicts = 0
         while True:
             async with self._lock:
-                outcome = await self._try_acquire()
-            if outcome is None:
-                conflicts += 1
-                self._check_contention(conflicts, loop.time(), give_up)
-                await asyncio.sleep(conflict_jitter(conflicts))
-                continue
-            if isinstance(outcome, Grant):
-                return outcome
-            conflicts = 0
-            remaining = deadline - loop.time()
-            if outcome.wait_seconds > remaining:
-                return outcome
-            await asyncio.sleep(min(outcome.wait_seconds + self.SLEEP_SLACK_SECONDS, remaining))
+                outcome = await self._try_acquire(deadline if max_wait > 0 else None)
+            if outcome is not None:
+                break
+            conflicts += 1
+            self._check_contention(conflicts, loop.time(), give_up)
+            await asyncio.sleep(conflict_jitter(conflicts))
+        if isinstance(outcome, Denial):
+            return outcome
+        slot_ms, _ = outcome
+        return Grant(slot_ms / 1000)
+
+    async def wait_for(self, grant: Grant) -> Grant | Denial:
+        """Sleep until a reserved slot comes (at once for a grant of now); then the Grant, or a Denial.
+
+        The wait is by the limiter's clock (the one the log is kept in). If this object has meanwhile
+        recorded or read a 429 block that lasts past the slot, a Denial for the rest of the block comes
+        back instead: the slot goes unused (always safe), as it does if the caller is cancelled while
+        it sleeps. So does a slot the clock has not reached WAKE_TOLERANCE_SECONDS after it should have
+        (the clock was set back): never call before the slot.
+        """
+        slot_ms = round(grant.at * 1000)
+        loop = asyncio.get_running_loop()
+        latest = loop.time() + (slot_ms - self._now_ms()) / 1000 + self.WAKE_TOLERANCE_SECONDS
+        early = await self._sleep_until(slot_ms, latest)
+        if early > 0:
+            return Denial(early)
+        if self._known_block_ms > slot_ms:
+            # A 429 recorded since the reservation covers the slot. The remaining block is at least a
+            # millisecond (a Denial's wait is positive) even if the block ended while we slept.
+            return Denial(max(self._known_block_ms - self._now_ms(), 1) / 1000)
+        return grant
+
+    async def release(self, grant: Grant) -> bool:
+        """Take back a grant whose call was not made and never will be: its entry leaves the shared log,
+        so the budget it held is free again (False if the entry had gone already).
+
+        Only for a call that certainly did not start (the dispatcher gives a grant up before its call
+        when the grant has grown too old, or when its chunk turns out to wait behind an earlier update):
+        the log must count every call that reached MDE. Bounded like `acquire`'s 412 retries.
+        """
+        slot_ms = round(grant.at * 1000)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.CONTENTION_GRACE_SECONDS
+        conflicts = 0
+        while True:
+            async with self._lock:
+                released = await self._try_release(slot_ms)
+            if released is not None:
+                return released
+            conflicts += 1
+            self._check_contention(conflicts, loop.time(), give_up)
+            await asyncio.sleep(conflict_jitter(conflicts))
 
     async def block(self, seconds: float) -> None:
         """MDE answered 429 with Retry-After `seconds`: no instance may call before it (+ margin) passes.
@@ -344,17 +468,21 @@ class RateLimiter:
 
     # -- one attempt each (caller holds the lock) --------------------------------------------------
 
-    async def _try_acquire(self) -> Grant | Denial | None:
-        """Decide from the cached entity and, if granting, write conditionally. None = lost to a 412."""
+    async def _try_acquire(self, deadline: float | None) -> tuple[int, int] | Denial | None:
+        """Decide from the cached entity and, for a grant now or a reservation of a slot before
+        `deadline` (event loop time; None: no reservation), write conditionally: (slot, now) in epoch ms
+        if written, a Denial, or None = lost to a 412."""
         state = await self._state()
         now_ms = self._now_ms()
-        wait = decide(state.log_ms, state.blocked_until_ms, now_ms, self._windows, self._margin)
-        if wait > 0:
+        slot_ms = next_slot(state.log_ms, state.blocked_until_ms, now_ms, self._windows, self._margin)
+        wait = (slot_ms - now_ms) / 1000
+        max_wait = 0.0 if deadline is None else deadline - asyncio.get_running_loop().time()
+        if wait > 0 and wait > max_wait:
             return Denial(wait)
-        log_ms = record_grant(state.log_ms, now_ms, self._windows, self._margin)
+        log_ms = record_grant(state.log_ms, slot_ms, self._windows, self._margin, now_ms=now_ms)
         if not await self._write(log_ms, state.blocked_until_ms, state.etag):
             return None
-        return Grant(now_ms / 1000)
+        return slot_ms, now_ms
 
     async def _try_block(self, seconds: float) -> bool:
         """Move BlockedUntil later if needed; False = lost to a 412."""
@@ -364,6 +492,31 @@ class RateLimiter:
             # The stored block can only be later than the cached one, so it already covers this one.
             return True
         return await self._write(state.log_ms, until, state.etag)
+
+    async def _try_release(self, slot_ms: int) -> bool | None:
+        """Remove one entry at `slot_ms`; False if there is none (in a fresh read), None = lost to a 412."""
+        state = await self._state()
+        if slot_ms not in state.log_ms:
+            self._cached = None  # make sure: read it fresh
+            state = await self._state()
+            if slot_ms not in state.log_ms:
+                return False
+        log_ms = list(state.log_ms)
+        log_ms.remove(slot_ms)
+        return await self._write(log_ms, state.blocked_until_ms, state.etag)
+
+    async def _sleep_until(self, at_ms: int, latest: float) -> float:
+        """Sleep until the limiter's clock reaches `at_ms`; 0.0 once it has, or the seconds still to go
+        if it has not by `latest` (event loop time). Bounded: every round sleeps at least the slack."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = (at_ms - self._now_ms()) / 1000
+            if left <= 0:
+                return 0.0
+            now = loop.time()
+            if now >= latest:
+                return left
+            await asyncio.sleep(min(left, latest - now) + self.SLEEP_SLACK_SECONDS)
 
     def _check_contention(self, conflicts: int, now: float, give_up: float) -> None:
         if conflicts >= self.MAX_CONFLICT_ATTEMPTS or now >= give_up:
@@ -392,9 +545,11 @@ class RateLimiter:
             except ResourceNotFoundError:
                 pass
             else:
+                blocked_until_ms = _int_property(entity.get(BLOCKED_UNTIL_PROPERTY))
+                self._known_block_ms = max(self._known_block_ms, blocked_until_ms)
                 return _Cached(
                     log_ms=parse_log(str(entity.get(LOG_PROPERTY) or "")),
-                    blocked_until_ms=_int_property(entity.get(BLOCKED_UNTIL_PROPERTY)),
+                    blocked_until_ms=blocked_until_ms,
                     etag=str(entity.metadata["etag"]),
                 )
             try:
@@ -429,6 +584,7 @@ class RateLimiter:
                 return False
             raise
         self._cached = _Cached(log_ms=log_ms, blocked_until_ms=blocked_until_ms, etag=str(meta["etag"]))
+        self._known_block_ms = max(self._known_block_ms, blocked_until_ms)
         return True
 
     def _entity(self, log_ms: list[int], blocked_until_ms: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ concurrency and waiting tests use real time and stay within a few seconds.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -241,3 +242,215 @@ async def test_exhausted_conflict_retries_raise(
         assert time.monotonic() - began < 2
         # first read (404) + create, then 4 rounds of write (412) + re-read, less the last re-read
         assert limiter.table_operations == 2 + 4 + 3
+
+
+# --- reservations: a waiter writes its future slot and sleeps until it -------------------------------
+
+
+def set_ms(clock: FakeClock, ms: int) -> None:
+    """Set the clock to epoch millisecond `ms` (half a millisecond in, so float noise never floors it to
+    the millisecond before)."""
+    clock.now = (ms + 0.5) / 1000
+
+
+async def wait_for_log_end(table: TableClient, last_ms: int) -> list[int]:
+    """The stored log once its last entry is `last_ms` (a waiter's reservation has landed); bounded."""
+    log: list[int] = []
+    for _ in range(200):
+        log, _ = await stored(table)
+        if log and log[-1] == last_ms:
+            return log
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the log never ended with {last_ms}: {log}")
+
+
+async def test_waiters_on_several_instances_get_fifo_slots_by_the_rule(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    """Nine waiters on three instances, all at once, with room for three calls a window: every one gets
+    a Grant, none returns before its time, and the grants are the rule's slots in order."""
+    calls, margin = 3, 0.05
+    span = 1050  # ms: W + margin
+    limiters = [instance([RateWindow(calls, 1.0)], margin) for _ in range(3)]
+
+    async def waiter(limiter: RateLimiter) -> tuple[int, Grant | Denial, int]:
+        called = math.floor(time.time() * 1000)
+        outcome = await limiter.acquire(max_wait=5.0)
+        return called, outcome, math.floor(time.time() * 1000)
+
+    began = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*(waiter(lim) for lim in limiters * 3)), 10)
+    assert time.monotonic() - began < 2 * span / 1000 + 1.0  # three windows' worth of slots, no more
+    assert all(isinstance(outcome, Grant) for _, outcome, _ in results), results
+    records = sorted(
+        (round(cast(Grant, outcome).at * 1000), called, returned) for called, outcome, returned in results
+    )
+    grants = [at for at, _, _ in records]
+    for at, _, returned in records:
+        assert returned >= at  # never before its time (both in the limiter's whole milliseconds)
+        assert returned - at < 300  # and not much after it: the budget does not sit idle
+    assert grants == sorted(set(grants))  # distinct slots
+    reserved = 0
+    for i, (at, called, returned) in enumerate(records):
+        # FIFO after the previous slot, and no earlier than the rule allows
+        earliest = max(grants[i - 1] if i else 0, grants[i - calls] + span if i >= calls else 0)
+        assert at >= earliest, (i, grants)
+        if at == earliest and at > called + 500:
+            reserved += 1  # a reservation, at exactly the rule's slot
+        else:  # otherwise it was granted at its own decision, which lies within its acquire call
+            assert called <= at <= returned, (i, records)
+    # Six of the nine had to wait; those that decided while the log was still full got exactly their
+    # slot (all six, unless the Table round trips are very slow).
+    assert reserved >= 3, records
+    assert max_calls_in_any_window([g / 1000 for g in grants], 1.0 + margin - 0.001) <= calls
+    log, _ = await stored(table)
+    assert log == grants[-calls:]  # trimmed to the last N, which are exactly the last grants
+
+
+async def test_reservations_are_one_write_each_and_denials_count_them(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    windows, margin = [RateWindow(3, 0.3)], 0.05  # span 350 ms
+    a = instance(windows, margin, clock=clock)
+    b = instance(windows, margin, clock=clock)
+    set_ms(clock, start)
+    assert isinstance(await b.acquire(), Grant)  # b's cache: [start]; it will go stale
+    for step in (10, 20):
+        set_ms(clock, start + step)
+        assert isinstance(await a.acquire(), Grant)
+    assert a.table_operations == 3  # read, two writes
+
+    set_ms(clock, start + 30)  # full until start + 350
+    tasks = [asyncio.create_task(a.acquire(max_wait=1.0)) for _ in range(3)]
+    try:
+        log = await wait_for_log_end(table, start + 370)
+        assert log == [start + 350, start + 360, start + 370]  # each one window after the grant it follows
+        assert a.table_operations == 3 + 3  # one conditional write per reservation, nothing else
+        assert not any(t.done() for t in tasks)  # the clock has not reached their slots
+
+        # b's stale cache shows room now: its write gets 412, it re-reads and is refused. Its wait is to
+        # the slot after a's reservations (start + 700), not to when the budget frees up (start + 350).
+        ops = b.table_operations
+        denial = await b.acquire()
+        assert isinstance(denial, Denial) and denial.wait_seconds == pytest.approx(0.67)
+        assert b.table_operations == ops + 2
+        # The slot is further than max_wait: refused at once, from the (now fresh) cache, writing nothing.
+        before = await stored(table)
+        ops = b.table_operations
+        short = await b.acquire(max_wait=0.5)
+        assert isinstance(short, Denial) and short.wait_seconds == pytest.approx(0.67)
+        assert b.table_operations == ops and await stored(table) == before
+        # Another instance reading the entity afresh sees the same.
+        fresh = await instance(windows, margin, clock=clock).acquire(max_wait=0.6)
+        assert isinstance(fresh, Denial) and fresh.wait_seconds == pytest.approx(0.67)
+        assert await stored(table) == before
+        snapshot = await b.snapshot()
+        assert [(w.used, w.remaining) for w in snapshot.windows] == [(3, 0)]  # reserved = used
+
+        tasks.append(asyncio.create_task(b.acquire(max_wait=0.7)))  # within reach: reserves start + 700
+        await wait_for_log_end(table, start + 700)
+        set_ms(clock, start + 700)
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        for task in tasks:
+            task.cancel()
+    assert sorted(round(cast(Grant, o).at * 1000) for o in outcomes) == [
+        start + 350,
+        start + 360,
+        start + 370,
+        start + 700,
+    ]
+
+
+async def test_a_reserved_waiter_never_gets_a_grant_before_its_slot(instance: MakeLimiter) -> None:
+    """If the limiter's clock does not reach the slot (set back, say), the slot goes unused: a Denial."""
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    limiter = instance([RateWindow(1, 0.1)], 0, clock=clock)
+    limiter.WAKE_TOLERANCE_SECONDS = 0.1
+    set_ms(clock, start)
+    assert isinstance(await limiter.acquire(), Grant)
+    began = time.monotonic()
+    outcome = await asyncio.wait_for(limiter.acquire(max_wait=1.0), 5)  # reserves start + 100
+    assert isinstance(outcome, Denial) and outcome.wait_seconds == pytest.approx(0.1)
+    assert 0.2 <= time.monotonic() - began < 1.0  # slept for the slot and the tolerance, then gave up
+
+
+async def test_a_block_recorded_meanwhile_leaves_the_reserved_slot_unused(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    limiter = instance([RateWindow(1, 0.2)], 0, clock=clock)
+    set_ms(clock, start)
+    assert isinstance(await limiter.acquire(), Grant)
+    set_ms(clock, start + 10)
+    task = asyncio.create_task(limiter.acquire(max_wait=1.0))
+    try:
+        await wait_for_log_end(table, start + 200)  # reserved
+        set_ms(clock, start + 20)
+        await limiter.block(0.5)  # MDE answered 429 to a call of this process: blocked until start + 520
+        set_ms(clock, start + 200)
+        outcome = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert isinstance(outcome, Denial) and outcome.wait_seconds == pytest.approx(0.32)
+    log, _ = await stored(table)
+    assert log == [start + 200]  # the slot stays spent, unused
+    # The next slot is after both the block and the unused slot's window.
+    set_ms(clock, start + 520)
+    assert await limiter.acquire() == Grant((start + 520) / 1000)
+
+
+async def test_reserve_returns_the_slot_at_once_and_wait_for_holds_until_it(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    """`reserve` writes the slot and returns without sleeping (the dispatcher prepares its call
+    meanwhile); `wait_for` returns the Grant only once the limiter's clock has reached the slot."""
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    limiter = instance([RateWindow(1, 0.2)], 0.0, clock=clock)  # span 200 ms
+    set_ms(clock, start)
+    now = await limiter.reserve()
+    assert isinstance(now, Grant) and round(now.at * 1000) == start
+    assert await limiter.wait_for(now) == now  # a grant of now: at once
+
+    set_ms(clock, start + 50)
+    ahead = await limiter.reserve(max_wait=1.0)
+    assert isinstance(ahead, Grant) and round(ahead.at * 1000) == start + 200
+    assert (await stored(table))[0][-1] == start + 200  # written before any wait
+    waiting = asyncio.create_task(limiter.wait_for(ahead))
+    try:
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # the clock is still short of the slot
+        set_ms(clock, start + 200)
+        assert await asyncio.wait_for(waiting, 5) == ahead
+    finally:
+        waiting.cancel()
+
+
+async def test_release_gives_an_unused_grant_back(instance: MakeLimiter, table: TableClient) -> None:
+    """A grant given up before its call (too old, or its chunk waits behind another) leaves the log, so
+    its budget can be granted again; another instance with a stale cache finds the entry gone."""
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    windows = [RateWindow(2, 10)]
+    a = instance(windows, 0.0, clock=clock)
+    b = instance(windows, 0.0, clock=clock)
+    set_ms(clock, start)
+    first = await a.acquire()
+    set_ms(clock, start + 5)
+    second = await a.acquire()
+    assert isinstance(first, Grant) and isinstance(second, Grant)
+    assert isinstance(await b.acquire(), Denial)  # b's cache now holds both entries
+
+    assert await a.release(second) is True
+    assert (await stored(table))[0] == [start]
+    assert await b.release(second) is False  # stale cache: it reads afresh and finds it gone
+    set_ms(clock, start + 6)
+    again = await b.acquire()
+    assert isinstance(again, Grant)
+    assert (await stored(table))[0] == [start, start + 6]
+    assert isinstance(await a.acquire(), Denial)  # the window is full again: the limit still holds

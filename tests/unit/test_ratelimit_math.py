@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emulators.control import max_calls_in_any_window
 from shared.ratelimit import (
@@ -11,6 +13,7 @@ from shared.ratelimit import (
     block_until_ms,
     decide,
     format_log,
+    next_slot,
     parse_log,
     record_grant,
     span_ms,
@@ -125,6 +128,10 @@ def test_entries_ahead_of_this_clock_count() -> None:
     windows = (RateWindow(2, 1.0),)
     log = [T0 + 300, T0 + 400]
     assert decide(log, 0, T0, windows, 0) == pytest.approx(1.3)
+    # FIFO: a new entry never goes before the last one, even where the window would have room (before
+    # reservations this was 0, a grant at T0 inserted ahead of the entry at T0 + 300).
+    assert decide([T0 + 300], 0, T0, windows, 0) == pytest.approx(0.3)
+    # record_grant itself still inserts in order, whatever it is given
     assert record_grant([T0 + 300], T0, windows, 0) == [T0, T0 + 300]
 
 
@@ -166,3 +173,139 @@ def test_window_too_large_for_the_log_is_refused() -> None:
     with pytest.raises(ValueError, match="margin"):
         RateLimiter(None, [RateWindow(10, 60.0)], -1.0)  # type: ignore[arg-type]
     RateLimiter(None, [RateWindow(MAX_CALLS_PER_WINDOW, 3600.0)], 0)  # type: ignore[arg-type]
+
+
+# --- the slot rule: where the next grant or reservation goes -----------------------------------------
+
+
+def test_slot_of_an_empty_log_is_now() -> None:
+    assert next_slot([], 0, T0, MINUTE_HOUR, 1.0) == T0
+    assert next_slot([], T0 - 1, T0, MINUTE_HOUR, 1.0) == T0  # a block in the past does not matter
+
+
+def test_slot_after_a_full_short_window() -> None:
+    windows = (RateWindow(3, 1.0), RateWindow(10, 60.0))
+    log = [T0, T0 + 100, T0 + 200]
+    # the 3rd most recent (T0) leaves (T - 1 s, T] at T0 + 1000; the minute window has room
+    assert next_slot(log, 0, T0 + 300, windows, 0) == T0 + 1000
+    assert next_slot(log, 0, T0 + 1000, windows, 0) == T0 + 1000
+    assert next_slot(log, 0, T0 + 1500, windows, 0) == T0 + 1500
+    # with a window not yet full, the slot is now (the last entry is in the past)
+    assert next_slot(log[:2], 0, T0 + 300, windows, 0) == T0 + 300
+
+
+def test_slot_after_a_full_long_window() -> None:
+    windows = (RateWindow(2, 1.0), RateWindow(3, 10.0))
+    log = [T0, T0 + 5000, T0 + 9000]
+    # 1-s window: T0 + 5000 + 1000 is past; 10-s window: T0 + 10_000
+    assert next_slot(log, 0, T0 + 9100, windows, 0) == T0 + 10_000
+    # both full: the later of the two
+    log2 = [T0, T0 + 9050, T0 + 9100]
+    assert next_slot(log2, 0, T0 + 9200, windows, 0) == T0 + 10_050
+
+
+def test_slot_honours_a_block() -> None:
+    windows = (RateWindow(3, 1.0),)
+    log = [T0, T0 + 100, T0 + 200]
+    assert next_slot([], T0 + 2500, T0, windows, 0) == T0 + 2500
+    assert next_slot(log, T0 + 2500, T0 + 300, windows, 0) == T0 + 2500  # later than the window's
+    assert next_slot(log, T0 + 600, T0 + 300, windows, 0) == T0 + 1000  # earlier than the window's
+
+
+def test_slot_is_never_before_a_future_entry() -> None:
+    """FIFO: a queue of reservations is served in order, and the window rule applies to them too."""
+    windows = (RateWindow(3, 1.0),)
+    # one reservation ahead; the window has room at now (2 entries in (now - 1 s, now]), but not before it
+    assert next_slot([T0 - 500, T0 + 400], 0, T0, windows, 0) == T0 + 400
+    # three grants and three reservations after them: the next slot comes after the 3rd most recent
+    # (the first reservation) leaves the window
+    log = [T0, T0 + 10, T0 + 20, T0 + 1000, T0 + 1010, T0 + 1020]
+    assert next_slot(log, 0, T0 + 30, windows, 0) == T0 + 2000
+    assert decide(log, 0, T0 + 30, windows, 0) == pytest.approx(1.97)
+    # placed one after another, the reservations land exactly one window after the entries they follow
+    placed, slots = list(log[:3]), []
+    for _ in range(6):
+        slots.append(next_slot(placed, 0, T0 + 30, windows, 0))
+        placed = record_grant(placed, slots[-1], windows, 0, now_ms=T0 + 30)
+    assert slots == [T0 + 1000, T0 + 1010, T0 + 1020, T0 + 2000, T0 + 2010, T0 + 2020]
+
+
+def test_slot_includes_the_margin() -> None:
+    windows = (RateWindow(1, 1.0),)
+    assert next_slot([T0], 0, T0 + 10, windows, 0) == T0 + 1000
+    assert next_slot([T0], 0, T0 + 10, windows, 0.25) == T0 + 1250
+    assert next_slot([T0], 0, T0 + 10, windows, 0.0005) == T0 + 1001  # rounded up, never down
+
+
+def test_reservations_survive_trimming() -> None:
+    """Trimming is as of now: a long queue of future entries keeps its most recent max(N) entries."""
+    windows = (RateWindow(2, 1.0), RateWindow(3, 5.0))
+    now = T0 + 100
+    log, slots = [T0, T0 + 50], []
+    for _ in range(6):
+        slots.append(next_slot(log, 0, now, windows, 0))
+        log = record_grant(log, slots[-1], windows, 0, now_ms=now)
+    # each slot is the later of "1 s after the 2nd most recent" and "5 s after the 3rd most recent"
+    assert slots == [T0 + 1000, T0 + 5000, T0 + 5050, T0 + 6000, T0 + 10_000, T0 + 10_050]
+    assert log == [T0 + 6000, T0 + 10_000, T0 + 10_050]
+    assert next_slot(log, 0, now, windows, 0) == T0 + 11_000
+    # trimmed as of now, not as of the reserved time: entries that still count now stay
+    assert record_grant([T0, T0 + 50], T0 + 6000, windows, 0, now_ms=now) == [T0, T0 + 50, T0 + 6000]
+    assert record_grant([T0, T0 + 50], T0 + 6000, windows, 0) == [T0 + 6000]
+
+
+def most_in_any_interval(times: list[int], span: int) -> int:
+    """The most of `times` in any half-open interval [a, a + span), by brute force (integers, no floats)."""
+    return max((sum(1 for u in times if t <= u < t + span) for t in times), default=0)
+
+
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 40),  # ms since the previous request
+        st.integers(-100, 100),  # the requesting instance's clock error in ms
+        st.integers(0, 1500),  # the request's max_wait in ms
+        st.one_of(st.none(), st.integers(0, 300)),  # a 429 recorded at this moment, with this Retry-After
+    ),
+    min_size=1,
+    max_size=60,
+)
+WINDOW_SETS = st.lists(
+    st.builds(RateWindow, st.integers(1, 5), st.integers(1, 40).map(lambda n: n / 100)),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(windows=WINDOW_SETS, margin_ms=st.integers(0, 20), steps=STEPS)
+def test_slots_placed_by_the_rule_never_exceed_any_window(
+    windows: list[RateWindow], margin_ms: int, steps: list[tuple[int, int, int, int | None]]
+) -> None:
+    """Requests one after another from instances whose clocks disagree, each placed by the rule if its
+    slot is within its max_wait (as `acquire` does): no half-open interval of length W + margin ever
+    holds more than N entries, the entries are in order, each slot is the earliest that fits, and the
+    trimmed log decides as the whole history would."""
+    margin = margin_ms / 1000
+    true_now, blocked = T0, 0
+    log: list[int] = []  # as the limiter keeps it: trimmed
+    history: list[int] = []  # every entry ever placed
+    for gap, skew, max_wait, block in steps:
+        true_now += gap
+        now = true_now + skew  # the time as the requesting instance sees it
+        if block is not None:
+            blocked = max(blocked, block_until_ms(now, block / 1000, margin))
+        slot = next_slot(log, blocked, now, windows, margin)
+        assert slot == next_slot(history, blocked, now, windows, margin)  # trimming loses nothing
+        assert slot >= max(now, blocked, *history[-1:])
+        earlier = slot - 1
+        if earlier >= max(now, blocked, *history[-1:]):  # the slot is the earliest that fits
+            assert any(
+                most_in_any_interval([*history, earlier], span_ms(w, margin)) > w.calls for w in windows
+            )
+        if slot - now > max_wait:
+            continue  # a denial writes nothing
+        log = record_grant(log, slot, windows, margin, now_ms=now)
+        history.append(slot)
+    assert history == sorted(history)
+    for window in windows:
+        assert most_in_any_interval(history, span_ms(window, margin)) <= window.calls
