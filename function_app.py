@@ -89,8 +89,10 @@ async def chunk_poison(msg: func.QueueMessage) -> None:
 async def sweep(timer: func.TimerRequest) -> None:
     rt = await runtime.ready()
     counts = await rt.sender.sweep()
-    if any(counts.values()):
+    if counts["staleSends"] or counts["requeued"]:
         log.warning("sweep resolved %s", counts)
+    elif counts["settled"]:
+        log.info("sweep settled %d chunks finished on the synchronous path", counts["settled"])
 
 
 @app.timer_trigger(arg_name="timer", schedule="0 17 3 * * *", run_on_startup=False)

@@ -134,7 +134,7 @@ class Outcome:
 
 def read_host_log(outcome: Outcome, text: str) -> None:
     """What the host's log says about the drain: how each chunks-queue message ended (`finished`,
-    `deferred`, ...) and when grants were spent without a call because they had grown too old (log
+    `deferred`, ...) and when grants were given up before their call because they had grown too old (log
     lines carry the host's local wall-clock time to the millisecond)."""
     outcome.worker.update(re.findall(r"chunk message \S+: (\S+)", text))
     for stamp in re.findall(r"^(\S+ \S+) INFO \S+ chunk \S+: grant too old", text, re.MULTILINE):
@@ -332,7 +332,7 @@ def report(
         if idle
         else "alertgate made no calls",
         f"alertgate's chunks-queue invocations by outcome: {dict(sorted(gate.worker.items()))}; "
-        "grants given up as too old when the call would start (budget spent, no call): "
+        "grants given up as too old when the call would start (no call; given back to the budget): "
         f"{len(gate.stale_grants)}"
         + (f", at {', '.join(f'{t:.2f}' for t in gate.stale_grants)} s" if gate.stale_grants else ""),
         f"alertgate's answers to callers: {dict(sorted(gate.answers.items()))}; operations at the end: "

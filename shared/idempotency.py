@@ -12,6 +12,10 @@ States:
                  outbox, so "sent, outcome unknown" is resolved there, never by a blind re-send)
     Completed    the first response is stored; replays get it with `Idempotent-Replayed: true`
 
+A request answered on the synchronous path leaves its key InProgress: its answer is kept with its
+chunk's end in the ledger (one write fewer while the caller waits), and the first replay completes the
+key from there (shared.intake).
+
 Explicit keys (the header, or `idempotencyKey` on the queue) live IDEMPOTENCY_TTL_SECONDS; keys derived
 from the canonical body live DERIVED_KEY_TTL_SECONDS and are checked against the ledger's journal so
 that they never swallow a change back (A, B, A sends three times).
@@ -62,6 +66,17 @@ class StoredResponse:
     status: int
     headers: dict[str, str]
     body: str
+
+    def dumps(self) -> str:
+        """One string, for keeping the answer elsewhere (the ledger keeps a synchronous answer with its chunk)."""
+        return json.dumps(
+            {"status": self.status, "headers": self.headers, "body": self.body}, ensure_ascii=False
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> StoredResponse:
+        document = json.loads(text)
+        return cls(int(document["status"]), dict(document["headers"]), str(document["body"]))
 
 
 @dataclass

@@ -6,14 +6,15 @@ same whichever way a request came. The answer is built once, stored with the key
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.dispatch import AttemptKind, plan_chunks
+from shared.dispatch import AnswerHook, AttemptKind, plan_chunks
 from shared.errors import FieldError
 from shared.http import ApiResponse, json_response, problem
 from shared.idempotency import ClaimOutcome, IdempotencyKey, KeyKind, KeyRecord, StoredResponse
@@ -23,9 +24,11 @@ from shared.ledger import (
     AlreadyAccepted,
     Chunk,
     Operation,
+    OrderView,
     new_operation_id,
 )
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
+from shared.ratelimit import Denial, Grant
 
 if TYPE_CHECKING:
     from shared.dispatch import Sender
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPLAYED = {"Idempotent-Replayed": "true"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,30 +77,59 @@ class Intake:
         return IdempotencyKey(KeyKind.DERIVED, sub.derived_key or sub.update.digest())
 
     async def submit(self, sub: Submission) -> ApiResponse:
-        """Accept and try a request, or answer from its idempotency key. Never sends a request twice."""
+        """Accept and try a request, or answer from its idempotency key. Never sends a request twice.
+
+        A request that will be tried at once reads the per-alert order side by side with claiming its key
+        (Ledger.look_ahead), so a new one-chunk request takes three Table round trips besides its call:
+        claim ‖ order, accept ‖ budget, and its end recorded with its answer in one write. The key is
+        then completed by the first replay, from the answer kept in the ledger (`_from_ledger`).
+        """
         key = self._key(sub)
         digest = sub.update.digest()
         for _ in range(3):
-            claim = await self.keys.claim(key, digest, new_operation_id())
+            view: OrderView | None = None
+            if sub.respond_async:
+                claim = await self.keys.claim(key, digest, new_operation_id())
+            else:
+                claim, view = await asyncio.gather(
+                    self.keys.claim(key, digest, new_operation_id()), self._look_ahead(sub)
+                )
             record = claim.record
             if claim.outcome is ClaimOutcome.MISMATCH:
                 return _key_reused(key)
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                return await self._accept(record, sub, view)
             if claim.outcome is ClaimOutcome.IN_PROGRESS:
-                return await self._ended_answer(record, sub) or self._in_progress(record)
-            if claim.outcome is ClaimOutcome.REPLAY:
-                if key.kind is KeyKind.DERIVED and await self._changed_back(record, sub):
-                    replaced = await self.keys.replace(record, digest, new_operation_id())
-                    if replaced is None:
+                accepted, completed = await self._from_ledger(record, sub, ended_only=True)
+                if completed is None:
+                    return self._in_progress(record)
+                record = completed
+            elif claim.outcome is ClaimOutcome.STALE:
+                accepted, completed = await self._from_ledger(record, sub, ended_only=False)
+                if not accepted:  # the first holder went quiet before accepting: take the claim over
+                    taken = await self.keys.take_over(record)
+                    if taken is None:
                         continue  # someone else changed the key meanwhile: look again
-                    return await self._accept(replaced, sub)
-                return _replay(record)
-            if claim.outcome is ClaimOutcome.STALE:
-                answer = await self._resume_stale(record, sub)
-                if answer is not None:
-                    return answer
-                continue
-            return await self._accept(record, sub)
+                    return await self._accept(taken, sub)
+                if completed is None:
+                    continue
+                record = completed
+            # A completed key: replay its first answer, unless a derived key would swallow a change back.
+            if key.kind is KeyKind.DERIVED and await self._changed_back(record, sub):
+                replaced = await self.keys.replace(record, digest, new_operation_id())
+                if replaced is None:
+                    continue  # someone else changed the key meanwhile: look again
+                return await self._accept(replaced, sub, view)
+            return _replay(record)
         return self._in_progress(record)
+
+    async def _look_ahead(self, sub: Submission) -> OrderView | None:
+        """The order read before accepting; None (the ordinary path) if it could not be read."""
+        try:
+            return await self.ledger.look_ahead(sub.update.alert_ids)
+        except Exception:
+            log.warning("per-alert order could not be read ahead; accepting the ordinary way", exc_info=True)
+            return None
 
     async def _changed_back(self, record: KeyRecord, sub: Submission) -> bool:
         """A derived key never swallows a change back: was a different update of these alerts accepted since?"""
@@ -105,34 +138,29 @@ class Intake:
             return True
         return await self.ledger.changed_since(operation.first_seq, record.digest, sub.update.alert_ids)
 
-    async def _ended_answer(self, record: KeyRecord, sub: Submission) -> ApiResponse | None:
-        """The key is still claimed but its operation has ended (its first holder died after accepting and
-        the sweep finished the chunks): nothing is processing the request any more, so answer its outcome."""
+    async def _from_ledger(
+        self, record: KeyRecord, sub: Submission, *, ended_only: bool
+    ) -> tuple[bool, KeyRecord | None]:
+        """Complete a claimed key from its operation: whether the request was accepted, and the key
+        completed (None if not accepted, not ended while `ended_only`, or the key changed meanwhile).
+
+        A still-claimed key whose operation exists was answered by the synchronous path, which keeps the
+        answer with the chunk's end (exactly what the first caller got), or its holder died after
+        accepting (the sweep resolves its chunks): then the answer is built from the operation as it
+        stands. Either way nothing is processing the request any more once the operation has ended; a
+        stale claim is answered for its operation even before that (202 with its Location).
+        """
         operation = await self.ledger.operation(record.operation_id)
         if operation is None:
-            return None
+            return False, None
         chunks = await self.ledger.chunks_of(operation)
-        if not status_of(operation, chunks).terminal:
-            return None
-        answer = self._answer(operation, chunks, sub)
-        await self.keys.complete(record, _stored(answer))
-        return _with_headers(answer, REPLAYED)
+        if ended_only and not status_of(operation, chunks).terminal:
+            return True, None
+        kept = chunks[0].answer if len(chunks) == 1 else ""
+        stored = StoredResponse.loads(kept) if kept else _stored(self._answer(operation, chunks, sub))
+        return True, await self.keys.complete(record, stored)
 
-    async def _resume_stale(self, record: KeyRecord, sub: Submission) -> ApiResponse | None:
-        """The first holder went quiet. If it had accepted the request, answer for that operation (its
-        chunks are in the outbox, where the sweep resolves them); otherwise take the claim over."""
-        operation = await self.ledger.operation(record.operation_id)
-        if operation is not None:
-            chunks = await self.ledger.chunks_of(operation)
-            answer = self._answer(operation, chunks, sub)
-            await self.keys.complete(record, _stored(answer))
-            return _with_headers(answer, REPLAYED)
-        taken = await self.keys.take_over(record)
-        if taken is None:
-            return None
-        return await self._accept(taken, sub)
-
-    async def _accept(self, record: KeyRecord, sub: Submission) -> ApiResponse:
+    async def _accept(self, record: KeyRecord, sub: Submission, view: OrderView | None = None) -> ApiResponse:
         limit = await self.sender.batch_limit.refresh()
         fields = sub.update.update.fields()
         plan = AcceptPlan(
@@ -143,8 +171,15 @@ class Intake:
             record.digest,
             hold_seconds=self.keys.claim_lease,
         )
+        ahead = view is not None and not view.blocked and not sub.respond_async
+        held: Grant | Denial | None = None
         try:
-            operation, chunks = await self.ledger.accept(plan)
+            if ahead:
+                (operation, chunks), held = await _both(
+                    self.ledger.accept(plan, view), self.sender.budget_now()
+                )
+            else:
+                operation, chunks = await self.ledger.accept(plan)
         except AlreadyAccepted:
             return self._in_progress(record)
         except BaseException:
@@ -157,13 +192,32 @@ class Intake:
             operation.alert_count,
             len(chunks),
         )
-        chunks = await self._send_or_defer(chunks, sub.respond_async)
+        answered: list[ApiResponse] = []
+
+        def answer_for(ended: Chunk) -> str:
+            """A one-chunk request's answer, kept with its chunk's end (see `_from_ledger`)."""
+            answered.append(self._answer(operation, [ended], sub))
+            return _stored(answered[-1]).dumps()
+
+        one_chunk = answer_for if len(chunks) == 1 else None
+        chunks = await self._send_or_defer(chunks, sub.respond_async, held, one_chunk)
+        if answered and len(chunks) == 1 and chunks[0].answer == _stored(answered[-1]).dumps():
+            return answered[-1]
         answer = self._answer(operation, chunks, sub)
         await self.keys.complete(record, _stored(answer))
         return answer
 
-    async def _send_or_defer(self, chunks: list[Chunk], respond_async: bool) -> list[Chunk]:
-        """Send what the budget allows within SYNC_MAX_WAIT_SECONDS; queue the rest. Returns the chunks' states."""
+    async def _send_or_defer(
+        self,
+        chunks: list[Chunk],
+        respond_async: bool,
+        held: Grant | Denial | None = None,
+        answer_for: AnswerHook | None = None,
+    ) -> list[Chunk]:
+        """Send what the budget allows within SYNC_MAX_WAIT_SECONDS; queue the rest. Returns the chunks' states.
+
+        `held` and `answer_for` go with the first try of the first chunk only (see Sender.attempt).
+        """
         if respond_async:
             for chunk in chunks:
                 await self.sender.schedule(chunk, 0.0)
@@ -177,7 +231,10 @@ class Intake:
                 await self.sender.schedule(chunk, 0.0)
                 seen.append(chunk)
                 continue
-            attempt = await self.sender.attempt(chunk, max_wait=max(0.0, remaining))
+            attempt = await self.sender.attempt(
+                chunk, max_wait=max(0.0, remaining), held=held, answer_for=answer_for
+            )
+            held, answer_for = None, None
             if attempt.kind is AttemptKind.SPLIT:
                 todo[:0] = attempt.pieces
                 continue
@@ -233,6 +290,17 @@ def _chunk_docs(document: dict[str, Any]) -> list[_ChunkDoc]:
     return [_ChunkDoc(int(c["alertCount"]), str(c["status"])) for c in document.get("chunks", [])]
 
 
+async def _both(
+    first: Awaitable[T], second: Awaitable[Grant | Denial | None]
+) -> tuple[T, Grant | Denial | None]:
+    """Run both; the first's exception propagates once the second is done, the second's is logged as None."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    if isinstance(results[0], BaseException):
+        raise results[0]
+    other = results[1]
+    return results[0], None if isinstance(other, BaseException) else other
+
+
 def _stored(answer: ApiResponse) -> StoredResponse:
     return StoredResponse(answer.status, dict(answer.headers), answer.body.decode("utf-8"))
 
@@ -241,10 +309,6 @@ def _replay(record: KeyRecord) -> ApiResponse:
     stored = record.response
     assert stored is not None  # a completed record always holds its response
     return ApiResponse(stored.status, stored.body.encode("utf-8"), {**stored.headers, **REPLAYED})
-
-
-def _with_headers(answer: ApiResponse, headers: dict[str, str]) -> ApiResponse:
-    return ApiResponse(answer.status, answer.body, {**answer.headers, **headers})
 
 
 def _key_reused(key: IdempotencyKey) -> ApiResponse:

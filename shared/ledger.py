@@ -16,12 +16,27 @@ Row keys (all in partition `ledger`):
     counter              the next sequence number
     o-<operationId>      the operation
     j-<seq>              journal: what a request changed (for derived idempotency keys: A, B, A)
-    p-<seq>[-<n>...]     a pending chunk (the outbox): Pending, or Sending while a call is in flight
+    p-<seq>[-<n>...]     a pending chunk (the outbox): Pending, or Sending while a call is in flight;
+                         briefly also a finished one (see below)
     r-<seq>[-<n>...]     a finished chunk: Succeeded, Failed or OutcomeUnknown
 
 Per-alert order (DESIGN §3) is read from the pending entries: a chunk may be sent only when no pending
 entry with a smaller row key shares an alert with it. Pending entries hold exactly one call's worth of
 ids and one update, the shape a later scheduler can merge (same fields, disjoint alerts).
+
+The synchronous path may check the order *before* accepting (`look_ahead`, read side by side with the
+idempotency claim) and then accept its first chunk already marked Sending, which saves it two round
+trips. That check is only valid if nothing was accepted between the read and the accept, so the accept
+is conditioned on the counter's ETag as cached *before* the read was sent: an accept that happened in
+between moved the counter, the transaction fails, and the request is accepted the ordinary way (chunks
+Pending, order checked after accepting). Chunks only ever become pending by being accepted (a split
+replaces one by pieces with the same alerts), so an unmoved counter means the read saw every pending
+entry that could come before this request.
+
+For the same reason the synchronous path records a chunk's end *in place* (`finish(in_place=True)`: one
+write to its p- entry instead of a transaction), and the sweep later moves it to r- (`settle`). Readers
+treat a p- entry in a finished state as finished: the order reads skip it, `pending_chunk` does not return
+it, and `chunks_of` reports it as finished.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +166,7 @@ class Chunk:
     last_error: dict[str, Any] | None = None
     answer_status: int = 0
     finished_at: float = 0.0
+    answer: str = ""  # the synchronous caller's answer, stored with the chunk's end (shared.intake)
     etag: str | None = None
 
     @property
@@ -193,6 +209,7 @@ class Chunk:
             last_error=json.loads(e["LastError"]) if e.get("LastError") else None,
             answer_status=int(e.get("AnswerStatus", 0)),
             finished_at=float(e.get("FinishedAt", 0.0)),
+            answer=e.get("Answer", ""),
             etag=metadata.get("etag"),
         )
 
@@ -208,6 +225,8 @@ class Chunk:
         }
         if self.last_error is not None:
             entity["LastError"] = json.dumps(self.last_error, ensure_ascii=False)[:8000]
+        if self.answer:
+            entity["Answer"] = self.answer
         return entity
 
     def pending_entity(self) -> dict[str, Any]:
@@ -222,6 +241,10 @@ class Chunk:
             "FreshToken": self.fresh_token,
         }
 
+    def finished_pending_entity(self) -> dict[str, Any]:
+        """The p- entry of a chunk that ended on the synchronous path, until the sweep settles it."""
+        return {**self.pending_entity(), "AnswerStatus": self.answer_status, "FinishedAt": self.finished_at}
+
     def result_entity(self) -> dict[str, Any]:
         return {
             **self._common(),
@@ -229,6 +252,14 @@ class Chunk:
             "AnswerStatus": self.answer_status,
             "FinishedAt": self.finished_at,
         }
+
+
+@dataclass(frozen=True)
+class OrderView:
+    """The per-alert order as read before accepting: valid while the accept counter is still `counter`."""
+
+    counter: tuple[int, str]  # (next seq, ETag) as cached before the read of the pending entries was sent
+    blocked: bool  # a pending entry shares an alert with the request
 
 
 @dataclass(frozen=True)
@@ -253,14 +284,35 @@ class Ledger:
 
     # --- accepting ----------------------------------------------------------------------------------
 
-    async def accept(self, plan: AcceptPlan) -> tuple[Operation, list[Chunk]]:
-        """Number the request's chunks and write operation, journal and chunks in one transaction."""
+    async def look_ahead(self, alert_ids: Iterable[str]) -> OrderView | None:
+        """Whether any pending entry shares an alert with these, read before accepting (see the module
+        docstring); None when this process has no accept counter cached to condition the accept on."""
+        counter = self._counter  # taken before the read is sent: that is what makes the view sound
+        if counter is None:
+            return None
+        mine = set(alert_ids)
+        entities = self._table.query_entities(
+            _UNFINISHED_RANGE, parameters=_unfinished("p-", "p."), select=["AlertIds"]
+        )
+        blocked = False
+        async for entity in entities:
+            blocked = blocked or bool(mine.intersection(json.loads(entity["AlertIds"])))
+        return OrderView(counter, blocked)
+
+    async def accept(self, plan: AcceptPlan, view: OrderView | None = None) -> tuple[Operation, list[Chunk]]:
+        """Number the request's chunks and write operation, journal and chunks in one transaction.
+
+        With a `view` that found the order clear, the first chunk is accepted marked Sending (attempt 1),
+        conditioned on the counter the view was read against; if the counter has moved since, the request
+        is accepted the ordinary way and every chunk is Pending.
+        """
         if not 1 <= len(plan.chunks) <= MAX_ENTRIES_PER_ACCEPT:
             raise ValueError(f"a request is accepted as 1 to {MAX_ENTRIES_PER_ACCEPT} chunks")
         async with self._lock:
+            sending = view is not None and not view.blocked and view.counter == self._counter
             for attempt in range(30):
-                first, etag = self._counter or await self._read_counter()
-                operation, chunks, ops = self._accept_operations(plan, first, etag)
+                first, etag = self._counter or await self._read_counter()  # the view's counter, if sending
+                operation, chunks, ops = self._accept_operations(plan, first, etag, sending)
                 try:
                     results = await self._table.submit_transaction(ops)
                 except Exception as exc:  # TableTransactionError, or 412/409 surfaced as another type
@@ -269,7 +321,9 @@ class Ledger:
                         raise AlreadyAccepted(plan.operation_id) from exc
                     if not _is_conflict(exc):
                         raise
-                    await asyncio.sleep(0.005 * (attempt + 1))
+                    if not sending:
+                        await asyncio.sleep(0.005 * (attempt + 1))
+                    sending = False  # the view is out of date: accept the ordinary way
                     continue
                 self._counter = (operation.last_seq + 1, str(results[0]["etag"]))
                 for chunk, meta in zip(chunks, results[3:], strict=True):
@@ -278,7 +332,7 @@ class Ledger:
         raise LedgerConflict("could not advance the accept counter after 30 attempts")
 
     def _accept_operations(
-        self, plan: AcceptPlan, first: int, etag: str
+        self, plan: AcceptPlan, first: int, etag: str, sending: bool
     ) -> tuple[Operation, list[Chunk], list[Any]]:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
@@ -299,6 +353,8 @@ class Ledger:
             )
             for i, (ids, fields) in enumerate(plan.chunks)
         ]
+        if sending:
+            chunks[0].state, chunks[0].sending_since, chunks[0].attempts = PendingState.SENDING, now, 1
         counter = {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": last + 1}
         journal = {
             "PartitionKey": PARTITION,
@@ -388,12 +444,14 @@ class Ledger:
         return [Chunk.from_entity(e) async for e in entities]
 
     async def pending_chunk(self, chunk_id: str) -> Chunk | None:
+        """The chunk if it is still pending (not finished, not split)."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            return Chunk.from_entity(await self._table.get_entity(PARTITION, f"p-{chunk_id}"))
+            chunk = Chunk.from_entity(await self._table.get_entity(PARTITION, f"p-{chunk_id}"))
         except ResourceNotFoundError:
             return None
+        return None if chunk.finished else chunk
 
     async def finished_chunk(self, chunk_id: str) -> Chunk | None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -409,10 +467,9 @@ class Ledger:
     async def blocked_by_earlier(self, chunk: Chunk) -> Chunk | None:
         """The first pending chunk accepted before this one that touches one of its alerts, if any."""
         mine = set(chunk.alert_ids)
-        query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
         entities = self._table.query_entities(
-            query,
-            parameters={"pk": PARTITION, "lo": "p-", "hi": chunk.pending_key},
+            _UNFINISHED_RANGE,
+            parameters=_unfinished("p-", chunk.pending_key),
             select=["RowKey", "OperationId", "AlertIds"],
         )
         async for entity in entities:
@@ -459,33 +516,54 @@ class Ledger:
         updated.etag = meta["etag"]
         return updated
 
-    async def finish(
-        self, chunk: Chunk, result: str, answer_status: int, error: dict[str, Any] | None
-    ) -> Chunk:
-        """Move a chunk from pending to finished in one transaction (idempotent: a second finish is a no-op)."""
+    def ended(self, chunk: Chunk, result: str, answer_status: int, error: dict[str, Any] | None) -> Chunk:
+        """The chunk as `finish` records it."""
         now = self._clock()
-        done = Chunk(
-            **{
-                **chunk.__dict__,
-                "state": result,
-                "answer_status": answer_status,
-                "last_error": error,
-                "finished_at": now,
-                "updated_at": now,
-            }
-        )
-        ops: list[Any] = [
-            ("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key}),
-            ("upsert", done.result_entity()),
-        ]
+        changes = {"state": result, "answer_status": answer_status, "last_error": error}
+        return Chunk(**{**chunk.__dict__, **changes, "finished_at": now, "updated_at": now})
+
+    async def finish(
+        self,
+        chunk: Chunk,
+        result: str,
+        answer_status: int,
+        error: dict[str, Any] | None,
+        *,
+        in_place: bool = False,
+        answer_for: Callable[[Chunk], str] | None = None,
+    ) -> Chunk:
+        """Record a chunk's end: moved from pending to finished in one transaction, or `in_place` in its
+        p- entry for `settle` to move later (idempotent: a second finish returns the first). `answer_for`
+        builds, from the ended chunk, an answer to keep with it."""
+        from azure.data.tables import UpdateMode
+
+        done = self.ended(chunk, result, answer_status, error)
+        if answer_for is not None:
+            done.answer = answer_for(done)
         try:
-            await self._table.submit_transaction(ops)
+            if in_place:
+                meta = await self._table.update_entity(
+                    done.finished_pending_entity(), mode=UpdateMode.REPLACE
+                )
+                done.etag = meta["etag"]
+            else:
+                await self._table.submit_transaction(_settling(done))
         except Exception:
             existing = await self.finished_chunk(chunk.chunk_id)
             if existing is not None:
                 return existing
             raise
         return done
+
+    async def settle(self, done: Chunk) -> bool:
+        """Move a chunk finished in place from p- to r- (one transaction); False if someone else did."""
+        try:
+            await self._table.submit_transaction(_settling(done))
+        except Exception:
+            if await self.finished_chunk(done.chunk_id) is not None:
+                return False
+            raise
+        return True
 
     async def split(self, chunk: Chunk, size: int) -> list[Chunk]:
         """Replace a pending chunk by pieces of at most `size` ids that keep its place in the order."""
@@ -542,6 +620,31 @@ class Ledger:
                 except ResourceNotFoundError:
                     pass
         return removed
+
+
+# Spaces around the parentheses: the SDK finds parameters by splitting the filter at spaces.
+_UNFINISHED_RANGE = (
+    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ( State eq @pending or State eq @sending )"
+)
+
+
+def _unfinished(lo: str, hi: str) -> dict[str, str]:
+    """Parameters for _UNFINISHED_RANGE: the p- entries in [lo, hi) that have not ended."""
+    return {
+        "pk": PARTITION,
+        "lo": lo,
+        "hi": hi,
+        "pending": PendingState.PENDING,
+        "sending": PendingState.SENDING,
+    }
+
+
+def _settling(done: Chunk) -> list[Any]:
+    """The transaction that moves a finished chunk from p- to r-."""
+    return [
+        ("delete", {"PartitionKey": PARTITION, "RowKey": done.pending_key}),
+        ("upsert", done.result_entity()),
+    ]
 
 
 def _is_conflict(exc: Exception) -> bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from azure.data.tables.aio import TableServiceClient
 
 from devhost.services import Service
 from emulators.control import EmulatorControl
+from shared.tables import Tables
 
 
 @pytest.fixture
@@ -33,3 +36,14 @@ def own_hosts() -> Iterator[list[Service]]:
     yield started
     for host in started:
         host.stop()
+
+
+@pytest.fixture
+async def tables(azurite: Service) -> AsyncIterator[Tables]:
+    """alertgate's tables under a prefix of the test's own, for tests that use shared/ directly."""
+    service = TableServiceClient.from_connection_string(azurite.urls["connection_string"])
+    tables = Tables.from_service(service, f"p{uuid.uuid4().hex[:10]}")
+    await tables.ensure_exist(service)
+    yield tables
+    await tables.close()
+    await service.close()

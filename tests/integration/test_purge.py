@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
-from azure.data.tables.aio import TableServiceClient
-
-from devhost.services import Service
 from shared.idempotency import IdempotencyKey, IdempotencyStore, KeyKind
 from shared.ledger import AcceptPlan, ChunkResult, Ledger
 from shared.tables import Tables
@@ -20,16 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def tables(azurite: Service) -> AsyncIterator[Tables]:
-    service = TableServiceClient.from_connection_string(azurite.urls["connection_string"])
-    tables = Tables.from_service(service, f"p{uuid.uuid4().hex[:10]}")
-    await tables.ensure_exist(service)
-    yield tables
-    await tables.close()
-    await service.close()
 
 
 async def test_purge_removes_only_what_expired(tables: Tables) -> None:

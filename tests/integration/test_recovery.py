@@ -13,12 +13,14 @@ hosts sweep every second with a short grace, so the sweep's lease (call timeout 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 from typing import Any
 
 import aiohttp
 import pytest
+from azure.data.tables.aio import TableServiceClient
 
 from devhost.services import Service
 from emulators.control import EmulatorControl, max_calls_in_any_window
@@ -262,3 +264,56 @@ async def test_nothing_accepted_is_lost_when_an_instance_dies_mid_backlog(
     timeline = [(c["seq"], c["status"], round(c["time"] - calls[0]["time"], 3)) for c in calls]
     assert set(statuses) == {200}, f"MDE refused calls {dict(statuses)}: (seq, status, arrival s) {timeline}"
     assert max_calls_in_any_window([c["time"] for c in calls if c["admitted"]], 1.0) <= 5
+
+
+async def test_http_request_killed_while_waiting_for_budget_leaves_no_false_unknown(
+    hosts: HostPool,
+    ctl: EmulatorControl,
+    http: aiohttp.ClientSession,
+    own_hosts: list[Service],
+    azurite: Service,
+) -> None:
+    """A synchronous request is accepted with its chunk already marked Sending (the short cut of
+    Ledger.look_ahead), then finds the budget spent. It gives the mark back before it waits, so an
+    instance killed while waiting leaves a Pending chunk: the next instance sends it (once, comment and
+    all) instead of reporting OutcomeUnknown for a call that never happened."""
+    settings = {**RECOVERY, "DEFENDER_RATE_LIMITS": "1/4", "SYNC_MAX_WAIT_SECONDS": "6"}
+    first, env = await asyncio.to_thread(hosts.fresh, **settings)
+    own_hosts.append(first)
+    url = first.urls["base"] + BATCH
+    status, _, warm = await post(
+        http, url, update(new_ids(1), False)
+    )  # spends the budget, caches the counter
+    assert status == 200, warm
+    ids = new_ids(1)
+    request = asyncio.create_task(post(http, url, update(ids, True)))
+
+    service = TableServiceClient.from_connection_string(azurite.urls["connection_string"])
+    async with service, service.get_table_client(f"{env['TABLE_PREFIX']}Operations") as table:
+        states: list[tuple[str, int]] = []
+
+        async def waiting_pending() -> bool:
+            query = "RowKey ge 'p-' and RowKey lt 'p.'"
+            states[:] = [
+                (e["State"], e["Attempts"])
+                async for e in table.query_entities(query)
+                if json.loads(e["AlertIds"]) == ids
+            ]
+            return states == [("Pending", 0)]
+
+        await eventually(waiting_pending, 3.0, "the chunk given back as Pending while its request waits")
+    await asyncio.to_thread(first.kill)
+    with pytest.raises(aiohttp.ClientError):
+        await request
+    assert [c for c in await ctl.calls() if c["json"]["alertIds"] == ids] == []
+    second = await asyncio.to_thread(hosts.start, env)
+    own_hosts.append(second)
+
+    async def delivered() -> bool:
+        return any(c["json"]["alertIds"] == ids and c["status"] == 200 for c in await ctl.calls())
+
+    await eventually(delivered, 30.0, "the chunk sent by the next instance")
+    calls = [c for c in await ctl.calls() if c["json"]["alertIds"] == ids]
+    assert len(calls) == 1 and calls[0]["json"] == update(ids, True)
+    alert = await ctl.alert(ids[0])
+    assert alert is not None and alert["comments"] == [COMMENT]

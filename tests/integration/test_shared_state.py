@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -82,6 +83,33 @@ async def test_scale_out_shares_one_budget(hosts: HostPool, ctl: EmulatorControl
     await assert_each_delivered_once(ctl, ids)
     for worker in workers:
         worker.stop()
+
+
+async def test_a_backlog_waits_for_its_reserved_slots_in_process(
+    hosts: HostPool, ctl: EmulatorControl, http, own_hosts: list[Service]
+) -> None:
+    """Queued chunks reserve their slot in the shared log when their message comes and wait for it in
+    process (it is within WORKER_BUDGET_WAIT_SECONDS), instead of going back to the queue each time
+    another chunk got the budget first: every message is handled once, and the windows hold."""
+    await ctl.configure(rateLimits="2/1")
+    settings = {**SCALED, "DEFENDER_RATE_LIMITS": "2/1", "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0.05"}
+    host, _ = hosts.fresh(**settings)
+    own_hosts.append(host)
+    ids = new_ids(8)
+    url = host.urls["base"] + "/api/alerts/batchUpdate"
+    answers = await asyncio.gather(
+        *(post(http, url, {"alertIds": [a], "status": "Resolved"}, ASYNC) for a in ids)
+    )
+    assert {status for status, _, _ in answers} == {202}
+    results = await drain(http, [headers["Location"] for _, headers, _ in answers], within=30)
+    assert {body["status"] for _, body in results} == {"Succeeded"}
+
+    calls = await ctl.calls()
+    assert [c for c in calls if c["status"] != 200] == []
+    assert max_calls_in_any_window(sorted(c["time"] for c in calls), 1.0) <= 2
+    assert Counter(a for c in calls for a in json.loads(c["body"])["alertIds"]) == dict.fromkeys(ids, 1)
+    outcomes = re.findall(r"chunk message \S+: (\S+)", host.log_path.read_text())
+    assert Counter(outcomes) == {"finished": len(ids)}
 
 
 # --- idempotency -----------------------------------------------------------------------------------
