@@ -59,10 +59,12 @@ log = logging.getLogger(__name__)
 
 ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
 MAX_BACKOFF_SECONDS = 300.0
-# How far ahead the queue worker reserves budget and waits for it in process (RateLimiter.acquire). It is
+# How far ahead the queue worker reserves budget and waits for it in process (RateLimiter.reserve). It is
 # longer than the queue's own granularity (whole-second visibility delays, polling up to
 # maxPollingInterval), so a reserved slot is used the moment it comes; a chunk whose slot is further away
-# goes back to the queue and comes back half this early, to reserve one then.
+# goes back to the queue and comes back half this early, to reserve one then. Never more than half
+# SWEEP_GRACE_SECONDS (Sender.worker_wait), so the sweep never takes a chunk whose worker is waiting for
+# its slot for one whose message went missing.
 WORKER_BUDGET_WAIT_SECONDS = 10.0
 STALE_GRANT_RETRY_SECONDS = 0.1
 STALE_GRANT_RETRIES = 2  # in process, before the chunk goes back to the queue
@@ -93,13 +95,6 @@ class Attempt:
     chunk: Chunk
     delay: float = 0.0
     pieces: list[Chunk] = field(default_factory=list)
-
-
-def requeue_delay(budget_wait: float) -> float:
-    """How long a chunk denied budget stays in the queue: it comes back half the worker's in-process
-    wait before the budget should free up, early enough to reserve its slot then (the wait is a lower
-    bound, so coming back late would only leave the budget idle)."""
-    return max(0.0, budget_wait - WORKER_BUDGET_WAIT_SECONDS / 2)
 
 
 def backoff(attempts: int, retry_after: float | None) -> float:
@@ -184,16 +179,17 @@ class Sender:
             if grant is None:
                 return Attempt(AttemptKind.DEFERRED, chunk, ORDER_WAIT_SECONDS)
             if isinstance(grant, Denial):
-                return Attempt(AttemptKind.DEFERRED, chunk, requeue_delay(grant.wait_seconds))
+                return Attempt(AttemptKind.DEFERRED, chunk, self.requeue_delay(grant.wait_seconds))
             sending = chunk if chunk.state == PendingState.SENDING else await self._mark_sending(chunk, grant)
-            if sending is None:
+            if sending is None:  # someone else changed the chunk: they own it now, and no call was made
+                await self._release(grant)
                 return Attempt(AttemptKind.LOST, chunk)
             slot = await self.limiter.wait_for(grant)
             if isinstance(slot, Denial):  # a 429 block came up while waiting for the reserved slot
                 unmarked = await self._unmark(sending)
                 if unmarked is None:
                     return Attempt(AttemptKind.LOST, sending)
-                return Attempt(AttemptKind.DEFERRED, unmarked, requeue_delay(slot.wait_seconds))
+                return Attempt(AttemptKind.DEFERRED, unmarked, self.requeue_delay(slot.wait_seconds))
             if self._clock() - grant.at > self.max_grant_age:
                 gone_stale = await self._grant_went_stale(sending, grant)
                 if gone_stale.kind is not AttemptKind.DEFERRED or stale >= STALE_GRANT_RETRIES:
@@ -214,6 +210,17 @@ class Sender:
                 chunk, max_wait, rejected = retry, 0.0, token
                 continue
             return await self._record(sending, result, answer_for)
+
+    @property
+    def worker_wait(self) -> float:
+        """How far ahead the queue worker reserves budget and waits for it (see WORKER_BUDGET_WAIT_SECONDS)."""
+        return min(WORKER_BUDGET_WAIT_SECONDS, self.settings.sweep_grace_seconds / 2)
+
+    def requeue_delay(self, budget_wait: float) -> float:
+        """How long a chunk denied budget stays in the queue: it comes back half the worker's in-process
+        wait before the budget should free up, early enough to reserve its slot then (the wait is a lower
+        bound, so coming back late would only leave the budget idle)."""
+        return max(0.0, budget_wait - self.worker_wait / 2)
 
     async def budget_now(self) -> Grant | Denial | None:
         """A non-waiting budget request that the synchronous path makes side by side with accepting.
@@ -423,7 +430,7 @@ class Sender:
             if resolved is None or resolved.kind is not AttemptKind.DEFERRED:
                 return "stale-send-resolved"
             chunk = resolved.chunk
-        attempt = await self.attempt(chunk, max_wait=WORKER_BUDGET_WAIT_SECONDS)
+        attempt = await self.attempt(chunk, max_wait=self.worker_wait)
         await self.follow_up(attempt)
         return attempt.kind.value
 

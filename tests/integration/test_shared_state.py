@@ -112,6 +112,36 @@ async def test_a_backlog_waits_for_its_reserved_slots_in_process(
     assert Counter(outcomes) == {"finished": len(ids)}
 
 
+async def test_a_worker_waiting_for_its_slot_is_not_taken_for_a_lost_message(
+    hosts: HostPool, ctl: EmulatorControl, http, own_hosts: list[Service]
+) -> None:
+    """With a short SWEEP_GRACE_SECONDS the sweep re-queues a Pending chunk soon after its message was
+    due; a worker waiting in process for its reserved slot must not look like a lost message (the sweep
+    would re-queue the chunk, the worker's Sending mark would fail, and the slot would be wasted, round
+    after round). The worker waits at most half the grace, so every chunk is delivered once and no
+    message ends `lost`."""
+    await ctl.configure(rateLimits="2/1")
+    settings = {
+        **SCALED,
+        "DEFENDER_RATE_LIMITS": "2/1",
+        "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0.05",
+        "SWEEP_SCHEDULE": "*/1 * * * * *",
+        "SWEEP_GRACE_SECONDS": "1",
+    }
+    host, _ = hosts.fresh(**settings)
+    own_hosts.append(host)
+    ids = new_ids(8)
+    url = host.urls["base"] + "/api/alerts/batchUpdate"
+    answers = await asyncio.gather(
+        *(post(http, url, {"alertIds": [a], "status": "Resolved"}, ASYNC) for a in ids)
+    )
+    results = await drain(http, [headers["Location"] for _, headers, _ in answers], within=30)
+    assert {body["status"] for _, body in results} == {"Succeeded"}
+    await assert_each_delivered_once(ctl, ids)
+    outcomes = Counter(re.findall(r"chunk message \S+: (\S+)", host.log_path.read_text()))
+    assert outcomes["lost"] == 0 and outcomes["finished"] == len(ids), outcomes
+
+
 # --- idempotency -----------------------------------------------------------------------------------
 
 
