@@ -3,7 +3,8 @@
 function_app.py (and the development host through it) only translates to and from these types, so the
 behaviour is the same under Core Tools, in Azure and locally. Every answer that is not a success is
 `application/problem+json` (RFC 9457) with `errors: [{field, message}]`; an unexpected exception is
-logged with an incident id and answered as a problem naming that id, never as a bare 500.
+logged with an incident id and answered as a problem naming that id, never as a bare 500; storage being
+unreachable is a 503 with Retry-After, since it passes and the caller should simply retry.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shared.http import ApiRequest, ApiResponse, json_response, problem, rejecte
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_SECONDS = 5.0
+STORAGE_RETRY_AFTER_SECONDS = 5  # a storage restart or blip usually passes within seconds
 
 
 async def guarded(
@@ -31,8 +33,26 @@ async def guarded(
         return await handler(request)
     except RequestRejected as exc:
         return rejected(exc)
-    except Exception:
+    except Exception as exc:
         incident = str(uuid.uuid4())
+        if _storage_unreachable(exc):
+            log.warning(
+                "storage unreachable handling %s %s (incident %s): %s",
+                request.method,
+                request.url,
+                incident,
+                exc,
+            )
+            return problem(
+                503,
+                "storage-unavailable",
+                "Storage unavailable",
+                "alertgate could not reach the Table or Queue storage it keeps its state in; retry after the "
+                "Retry-After delay. If the request was accepted, its operation goes on; re-sending with the "
+                f"same Idempotency-Key is safe (incident {incident}).",
+                headers={"Retry-After": str(STORAGE_RETRY_AFTER_SECONDS)},
+                extra={"incident": incident},
+            )
         log.exception("unexpected error handling %s %s (incident %s)", request.method, request.url, incident)
         return problem(
             500,
@@ -42,6 +62,17 @@ async def guarded(
             "If the request was accepted, its operation goes on; re-sending with the same Idempotency-Key is safe.",
             extra={"incident": incident},
         )
+
+
+def _storage_unreachable(exc: Exception) -> bool:
+    """A storage call that could not connect or got no answer, or storage answering 5xx: the state store is
+    away for a while (a restart, a network blip), which a caller should ride out rather than report as a bug.
+    Calls to MDE never raise (shared.defender turns their failures into results)."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return True
+    return isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500
 
 
 def caller_of(request: ApiRequest) -> dict[str, Any]:
