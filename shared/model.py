@@ -59,6 +59,15 @@ ALL_CANONICAL_VALUES = frozenset(STATUS_VALUES + CLASSIFICATION_VALUES + DETERMI
 FIELD_ORDER = ("alertIds", "status", "assignedTo", "classification", "determination", "comment")
 UPDATE_FIELDS = FIELD_ORDER[1:]
 _FIELD_BY_LOWER = {name.lower(): name for name in FIELD_ORDER}
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-case A-Z only. MDE's field names and values are ASCII, so "case-insensitive" means ASCII
+    case: a character that Unicode lower-cases to an ASCII letter (the Kelvin sign to k) is a look-alike,
+    not a spelling of the name, and is refused rather than taken for it."""
+    return text.translate(_ASCII_LOWER)
+
 
 ASSIGNED_TO_MAX = 256
 COMMENT_MAX = 8000
@@ -278,7 +287,7 @@ def _match_field_names(document: dict[str, Any], errors: _Errors) -> dict[str, A
     fields: dict[str, Any] = {}
     given_as = errors.given_as
     for key, value in document.items():
-        name = _FIELD_BY_LOWER.get(key.lower())
+        name = _FIELD_BY_LOWER.get(ascii_lower(key))
         if name is None:
             errors.add(
                 key, f"is not a batchUpdate field (known fields: {', '.join(FIELD_ORDER)})", literal=True
@@ -358,7 +367,7 @@ def _enum_value(
     value = _given_string(fields, name, errors)
     if value is None:
         return None
-    lowered = value.lower()
+    lowered = ascii_lower(value)
     for canonical in values:
         if canonical.lower() == lowered:
             return canonical

@@ -57,6 +57,7 @@ from shared.model import (
     DETERMINATION_ALIASES,
     DETERMINATION_VALUES,
     RETIRED_DETERMINATIONS,
+    ascii_lower,
     json_type,
 )
 
@@ -286,7 +287,7 @@ def _rule_determination(where: str, value: Any, problems: list[tuple[str, str]])
 
 def _canonical(value: str, values: tuple[str, ...]) -> str | None:
     """The canonical spelling of `value` among `values`, matched case-insensitively after trimming."""
-    lowered = value.strip().lower()
+    lowered = ascii_lower(value.strip())
     for canonical in values:
         if canonical.lower() == lowered:
             return canonical
@@ -352,7 +353,8 @@ class _Reader:
 
     def get(self, obj: dict[str, Any], name: str, base: str) -> tuple[Any, str]:
         """The value under `name` in any casing (None if absent or null), and its path."""
-        matches = [(k, v) for k, v in obj.items() if isinstance(k, str) and k.lower() == name.lower()]
+        wanted = name.lower()
+        matches = [(k, v) for k, v in obj.items() if isinstance(k, str) and ascii_lower(k) == wanted]
         if not matches:
             return None, _join(base, name)
         key, value = matches[0]

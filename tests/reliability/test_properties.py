@@ -9,10 +9,10 @@ The properties (issue 6, part 3), for every generated body, each POSTed with its
 
 Validity and the canonical form are computed here, independently, by `expected_body` from the README's
 rules (only the enum *lists* come from shared.model; calling its validator would make the test
-circular). Field names and enum values are matched case-insensitively as Python's `str.lower()` maps
-them, the documented behaviour: the generator includes Unicode characters whose lowercase mapping is
-unusual (the Kelvin sign lowercases to `k`, the long s and dotted capital I do not lowercase to ASCII)
-so that choice is pinned down rather than left to chance.
+circular). Field names and enum values are matched case-insensitively in ASCII (A-Z against a-z), the
+documented behaviour: the generator includes Unicode characters whose lowercase mapping is unusual (the
+Kelvin sign lowercases to `k` in Unicode, the long s and dotted capital I do not lowercase to ASCII), and
+each of them must be refused as a look-alike, not taken for the name or value it resembles.
 
 How the bodies are produced and sent: hypothesis *generates* the bodies (a `@given` function that only
 collects them, with `max_examples` from ALERTGATE_PROPERTY_EXAMPLES: 10,000 in the whole suite, 200 in
@@ -110,10 +110,15 @@ def is_mde_alert_id(value: str) -> bool:
     return set(digits) <= ASCII_DIGITS and 1 <= len(tail) <= 20 and set(tail) <= ASCII_DIGITS
 
 
+def ascii_lowered(text: str) -> str:
+    """A-Z to a-z, nothing else (the test's own reading of "case-insensitive" for MDE's ASCII names)."""
+    return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in text)
+
+
 def enum_value(name: str, value: str) -> str | None:
     """The canonical value a given one stands for (case-insensitive, aliases mapped), else None."""
     values, aliases = ENUMS[name]
-    lowered = value.lower()
+    lowered = ascii_lowered(value)
     for candidate in values:
         if candidate.lower() == lowered:
             return candidate
@@ -136,7 +141,7 @@ def expected_body(document: Any, max_alerts: int = MAX_ALERTS) -> dict[str, Any]
     by_lower = {name.lower(): name for name in FIELDS}
     given: dict[str, Any] = {}
     for key, value in document.pairs:
-        name = by_lower.get(key.lower())
+        name = by_lower.get(ascii_lowered(key))
         if name is None or name in given:  # unknown, or repeated (exactly or in another casing)
             return None
         given[name] = value
@@ -269,8 +274,8 @@ def casings(word: str) -> st.SearchStrategy[str]:
 
 
 def unicode_lookalikes(word: str) -> list[str]:
-    """Spellings whose lowercase mapping is unusual: Kelvin sign (→ k), long s and dotted capital I
-    (not → s, i), a zero-width space, surrounding blanks. Only the Kelvin sign lowercases to ASCII."""
+    """Spellings whose lowercase mapping is unusual: Kelvin sign (→ k in Unicode), long s and dotted
+    capital I (not → s, i), a zero-width space, surrounding blanks: all refused as look-alikes."""
     return [
         word.replace("k", "\u212a"),
         word.replace("s", "\u017f"),

@@ -220,3 +220,23 @@ def test_fields_are_named_as_the_caller_spelled_them() -> None:
     with pytest.raises(RequestRejected) as exc:
         validate_batch_update({"AlertIDs": ["x"], "STATUS": "closed", "status": "New"}, RULES)
     assert fields_of(exc) == ["status", "AlertIDs[0]", "STATUS"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("classification", "Un\u212anown"),  # Kelvin sign: Unicode lower-cases it to "k"
+        ("status", "Re\u017folved"),  # long s
+        ("determination", "Ot\u0041\u030aher"),  # a combining ring: not a letter of the name
+    ],
+)
+def test_case_insensitive_means_ascii_case_so_lookalikes_are_refused(field: str, value: str) -> None:
+    with pytest.raises(RequestRejected) as exc:
+        validate_batch_update({"alertIds": [ID1], field: value}, RULES)
+    assert fields_of(exc) == [field]
+
+
+def test_a_field_name_with_a_lookalike_letter_is_unknown() -> None:
+    with pytest.raises(RequestRejected) as exc:
+        validate_batch_update({"alertIds": [ID1], "\u017ftatus": "Resolved"}, RULES)
+    assert fields_of(exc)[0] == "\u017ftatus"  # then "body": no update field is left
