@@ -68,7 +68,9 @@ MAX_BACKOFF_SECONDS = 300.0
 WORKER_BUDGET_WAIT_SECONDS = 10.0
 STALE_GRANT_RETRY_SECONDS = 0.1
 STALE_GRANT_RETRIES = 2  # in process, before the chunk goes back to the queue
-MARK_LEAD_SECONDS = 0.2  # how long before a reserved slot its chunk is marked Sending
+# How long before a reserved slot its chunk is marked Sending; the worker's grants (and a retry's after a
+# grant went stale) are at least this far ahead, so the mark never makes the call late.
+MARK_LEAD_SECONDS = 0.2
 TOKEN_RETRY_SECONDS = 5.0  # short waits are cheaper in process than as a message round trip
 
 ROLE_HINT = (
@@ -137,6 +139,7 @@ class Sender:
         *,
         held: Grant | Denial | None = None,
         answer_for: AnswerHook | None = None,
+        lead: float = 0.0,
     ) -> Attempt:
         """One try at sending `chunk` (plus the single fresh-token retry after a 401).
 
@@ -145,7 +148,9 @@ class Sender:
         side with accepting; a usable grant is then sent at once, otherwise the mark is given back before
         any wait, so a crash while waiting never leaves a false "outcome unknown". If the chunk ends in
         this try, its end is recorded with one write in place (Ledger.finish) holding `answer_for`'s
-        answer, the caller's idempotent replay.
+        answer, the caller's idempotent replay. A `lead` asks for grants at least that far ahead, time
+        to mark the chunk Sending before its slot (the queue worker, where no caller waits, uses it; a
+        retry after a grant went stale does too).
         """
         now = self._clock()
         if chunk.not_before > now:
@@ -171,9 +176,9 @@ class Sender:
                 return await self._retry_later(chunk, token, answer_for)
             if grant is None:
                 grant = await (
-                    self._ordered_grant(chunk, max_wait, check_order=not order_checked, held=held)
+                    self._ordered_grant(chunk, max_wait, check_order=not order_checked, held=held, lead=lead)
                     if first
-                    else self.limiter.acquire(0.0)
+                    else self.limiter.reserve(0.0, lead=lead)
                 )
             first = False
             if grant is None:
@@ -195,6 +200,7 @@ class Sender:
                 if gone_stale.kind is not AttemptKind.DEFERRED or stale >= STALE_GRANT_RETRIES:
                     return gone_stale
                 chunk, held, first, stale = gone_stale.chunk, None, True, stale + 1
+                lead = max(lead, MARK_LEAD_SECONDS)  # give the mark its time before the next slot
                 continue
             body = outbound_body(sending.alert_ids, sending.fields, self.settings.defender_enum_overrides)
             result = await self.client.post(body, token)
@@ -271,6 +277,7 @@ class Sender:
         *,
         check_order: bool = True,
         held: Grant | Denial | None = None,
+        lead: float = 0.0,
     ) -> Grant | Denial | None:
         """A grant for `chunk`, or None while an earlier pending update touches one of its alerts.
 
@@ -280,7 +287,7 @@ class Sender:
         """
 
         async def budget_now() -> Grant | Denial:
-            return held if held is not None else await self.limiter.acquire(0.0)
+            return held if held is not None else await self.limiter.reserve(0.0, lead=lead)
 
         if check_order:
             blocker, grant = await asyncio.gather(self.ledger.blocked_by_earlier(chunk), budget_now())
@@ -292,7 +299,7 @@ class Sender:
         else:
             grant = await budget_now()
         if isinstance(grant, Denial) and max_wait > 0:
-            return await self.limiter.reserve(max_wait)
+            return await self.limiter.reserve(max_wait, lead=lead)
         return grant
 
     @property
@@ -430,7 +437,7 @@ class Sender:
             if resolved is None or resolved.kind is not AttemptKind.DEFERRED:
                 return "stale-send-resolved"
             chunk = resolved.chunk
-        attempt = await self.attempt(chunk, max_wait=self.worker_wait)
+        attempt = await self.attempt(chunk, max_wait=self.worker_wait, lead=MARK_LEAD_SECONDS)
         await self.follow_up(attempt)
         return attempt.kind.value
 

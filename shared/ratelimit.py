@@ -359,12 +359,14 @@ class RateLimiter:
         outcome = await self.reserve(max_wait)
         return outcome if isinstance(outcome, Denial) else await self.wait_for(outcome)
 
-    async def reserve(self, max_wait: float = 0.0) -> Grant | Denial:
+    async def reserve(self, max_wait: float = 0.0, *, lead: float = 0.0) -> Grant | Denial:
         """Like `acquire`, but without the sleep: a reserved slot comes back as a Grant whose `at` may lie
         ahead, and the caller must not call before `wait_for(grant)` has returned a Grant.
 
         This lets a caller prepare its call (the dispatcher marks its chunk Sending) while the slot
-        approaches, so that the call leaves at the slot rather than a write's latency after it.
+        approaches, so that the call leaves at the slot rather than a write's latency after it. With a
+        `lead`, the slot is never sooner than `lead` seconds from now, which gives that preparation its
+        time even when budget is free at once; `max_wait` counts from the end of the lead.
 
         Losing a conditional write to another instance is not a denial (the budget had room), so 412
         retries go on with jitter up to MAX_CONFLICT_ATTEMPTS in a row and for at most
@@ -381,7 +383,7 @@ class RateLimiter:
         conflicts = 0
         while True:
             async with self._lock:
-                outcome = await self._try_acquire(deadline if max_wait > 0 else None)
+                outcome = await self._try_acquire(deadline if max_wait > 0 else None, lead)
             if outcome is not None:
                 break
             conflicts += 1
@@ -468,14 +470,17 @@ class RateLimiter:
 
     # -- one attempt each (caller holds the lock) --------------------------------------------------
 
-    async def _try_acquire(self, deadline: float | None) -> tuple[int, int] | Denial | None:
-        """Decide from the cached entity and, for a grant now or a reservation of a slot before
-        `deadline` (event loop time; None: no reservation), write conditionally: (slot, now) in epoch ms
-        if written, a Denial, or None = lost to a 412."""
+    async def _try_acquire(
+        self, deadline: float | None, lead: float = 0.0
+    ) -> tuple[int, int] | Denial | None:
+        """Decide from the cached entity and, for a grant now (`lead` from now) or a reservation of a slot
+        before `deadline` (event loop time, plus the lead; None: no reservation), write conditionally:
+        (slot, now) in epoch ms if written, a Denial, or None = lost to a 412."""
         state = await self._state()
         now_ms = self._now_ms()
-        slot_ms = next_slot(state.log_ms, state.blocked_until_ms, now_ms, self._windows, self._margin)
-        wait = (slot_ms - now_ms) / 1000
+        earliest_ms = now_ms + math.ceil(lead * 1000)
+        slot_ms = next_slot(state.log_ms, state.blocked_until_ms, earliest_ms, self._windows, self._margin)
+        wait = (slot_ms - earliest_ms) / 1000
         max_wait = 0.0 if deadline is None else deadline - asyncio.get_running_loop().time()
         if wait > 0 and wait > max_wait:
             return Denial(wait)

@@ -454,3 +454,22 @@ async def test_release_gives_an_unused_grant_back(instance: MakeLimiter, table: 
     assert isinstance(again, Grant)
     assert (await stored(table))[0] == [start, start + 6]
     assert isinstance(await a.acquire(), Denial)  # the window is full again: the limit still holds
+
+
+async def test_a_lead_puts_the_slot_that_far_ahead_and_max_wait_counts_after_it(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    """The worker asks for slots MARK_LEAD_SECONDS ahead, time to mark its chunk before the call: free
+    budget gives the slot at now + lead, and `max_wait` is counted from there."""
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    limiter = instance([RateWindow(1, 1.0)], 0.0, clock=clock)
+    set_ms(clock, start)
+    ahead = await limiter.reserve(0.0, lead=0.2)
+    assert isinstance(ahead, Grant) and round(ahead.at * 1000) == start + 200
+    assert (await stored(table))[0] == [start + 200]
+    later = await limiter.reserve(0.9, lead=0.2)  # next slot start + 1200: 1.0 s after the lead ends
+    assert isinstance(later, Denial) and later.wait_seconds == pytest.approx(1.0)
+    assert (await stored(table))[0] == [start + 200]
+    granted = await limiter.reserve(1.1, lead=0.2)
+    assert isinstance(granted, Grant) and round(granted.at * 1000) == start + 1200
