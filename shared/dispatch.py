@@ -10,8 +10,9 @@ queue, whose worker sends it later. Every send follows the same steps (`Sender.a
    to the wait allowed (SYNC_MAX_WAIT_SECONDS on the HTTP path, WORKER_BUDGET_WAIT_SECONDS in the
    worker), which the shared log then holds for this call: waiters are served in order, and the budget
    is used the moment it frees up;
-3. marked Sending in the ledger *before* the call (the outbox: a crash leaves a trace), just ahead of a
-   reserved slot; the HTTP path usually accepts its first chunk already marked (Ledger.look_ahead);
+3. marked Sending in the ledger *before* the call (the outbox: a crash leaves a trace), MARK_LEAD_SECONDS
+   ahead of a reserved slot (the worker's grants are always that far ahead); the HTTP path usually
+   accepts its first chunk already marked (Ledger.look_ahead);
 4. the call, and its outcome recorded (DESIGN §1):
    - 200 → Succeeded; MaximumBatchSizeExceeded → split by MDE's allowance, limit remembered;
    - 401 → once more with a token fetched fresh; a second 401, or a 403 → Failed (502);
@@ -24,8 +25,9 @@ queue, whose worker sends it later. Every send follows the same steps (`Sender.a
 
 Long waits never hold a queue message: the worker waits in process only for a slot it reserved at most
 WORKER_BUDGET_WAIT_SECONDS ahead; otherwise it re-enqueues the chunk with a visibility delay (ending half
-that wait before the budget should free up, so it comes back in time to reserve) and ends successfully. Each chunk has one live message, named by a token stored on the chunk; a message whose
-token is not the chunk's is a stale duplicate and is dropped. The sweep (a timer) resolves what a crash
+that wait before the budget should free up, so it comes back in time to reserve) and ends successfully.
+Each chunk has one live message, named by a token stored on the chunk; a message whose token is not the
+chunk's is a stale duplicate and is dropped. The sweep (a timer) resolves what a crash
 left behind: a Sending chunk older than the call timeout plus SWEEP_GRACE_SECONDS (outcome unknown), and
 a Pending chunk whose message is overdue by SWEEP_GRACE_SECONDS (re-enqueued).
 """
