@@ -126,7 +126,9 @@ async def test_a_worker_waiting_for_its_slot_is_not_taken_for_a_lost_message(
         "DEFENDER_RATE_LIMITS": "2/1",
         "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0.05",
         "SWEEP_SCHEDULE": "*/1 * * * * *",
-        "SWEEP_GRACE_SECONDS": "1",
+        # Short, yet longer than the longest a worker holds a due message: the 0.5 s poll plus its wait
+        # for a slot, half the grace. A 10 s wait (not bounded by the grace) fails this test.
+        "SWEEP_GRACE_SECONDS": "2",
     }
     host, _ = hosts.fresh(**settings)
     own_hosts.append(host)
