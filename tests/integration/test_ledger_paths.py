@@ -146,10 +146,10 @@ async def test_the_sweep_settles_what_the_synchronous_path_finished(
     assert {json.loads(e["AlertIds"])[0]: e["State"] for e in results}[first[0]] == "Succeeded"
     # Both ended while their caller waited (the first without the look-ahead: no counter cached yet), so
     # both were recorded in place and moved by the sweep (in one run of it or two).
-    settled = re.findall(
+    runs = re.findall(
         r"sweep settled (\d+) chunks finished on the synchronous path", host.log_path.read_text()
     )
-    assert sum(int(n) for n in settled) == 2, settled
+    assert sum(int(n) for n in runs) == 2, runs
     code, document = await wait_for_operation(http, headers["Location"])
     assert code == 200 and document["status"] == "Succeeded"
 
