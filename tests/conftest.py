@@ -10,9 +10,10 @@ import contextlib
 import os
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from devhost.services import Service, local_app_env, start_azurite, start_devhost, start_emulators
@@ -118,3 +119,10 @@ def hosts(log_dir: Path, azurite: Service, emulators: Service) -> Iterator[HostP
     pool = HostPool(log_dir, azurite, emulators)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for a test's requests to hosts and emulators (one per test, closed at its end)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
 import pytest
 from azure.data.tables.aio import TableServiceClient
 
@@ -20,12 +19,6 @@ async def ctl(emulators: Service) -> AsyncIterator[EmulatorControl]:
         await control.reset()
         await control.identity_reset()
         yield control
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
 
 
 @pytest.fixture

@@ -60,12 +60,6 @@ async def ctl(emulators: Service) -> AsyncIterator[EmulatorControl]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
-
-
-@pytest.fixture
 def own_hosts() -> Iterator[list[Service]]:
     """Hosts a case started for itself (killed and replaced ones included); stopped when it ends, all
     signalled first so their graceful stops overlap, so none keeps polling or sweeping into later cases."""
