@@ -54,10 +54,10 @@ def minimal_env(connection_string: str) -> dict[str, str]:
     return {"AzureWebJobsStorage": connection_string}
 
 
-def timed_import(env: dict[str, str]) -> float:
-    """Seconds `import function_app` took in a fresh interpreter."""
-    done = subprocess.run(
-        [sys.executable, "-c", TIMED_IMPORT],
+def run_python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter in the repo root with this environment, its output captured (bounded)."""
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -65,7 +65,11 @@ def timed_import(env: dict[str, str]) -> float:
         timeout=SUBPROCESS_TIMEOUT,
         check=True,
     )
-    return float(done.stdout.strip())
+
+
+def timed_import(env: dict[str, str]) -> float:
+    """Seconds `import function_app` took in a fresh interpreter."""
+    return float(run_python(["-c", TIMED_IMPORT], env).stdout.strip())
 
 
 def process_seconds(code: str, env: dict[str, str]) -> float:
@@ -79,15 +83,7 @@ def process_seconds(code: str, env: dict[str, str]) -> float:
 
 def import_breakdown(env: dict[str, str], top: int = 6) -> list[tuple[str, float]]:
     """function_app's direct imports that cost most (cumulative ms), from `python -X importtime`."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import function_app"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-        check=True,
-    )
+    done = run_python(["-X", "importtime", "-c", "import function_app"], env)
     direct: list[tuple[str, float]] = []
     for line in done.stderr.splitlines():
         parts = line.split("|")

@@ -288,18 +288,18 @@ class Sender:
         blocked, a grant it got is given back (RateLimiter.release).
         """
 
-        async def budget_now() -> Grant | Denial:
+        async def first_budget() -> Grant | Denial:
             return held if held is not None else await self.limiter.reserve(0.0, lead=lead)
 
         if check_order:
-            blocker, grant = await asyncio.gather(self.ledger.blocked_by_earlier(chunk), budget_now())
+            blocker, grant = await asyncio.gather(self.ledger.blocked_by_earlier(chunk), first_budget())
             if blocker is not None:
                 if isinstance(grant, Grant):
                     log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
                     await self._release(grant)
                 return None
         else:
-            grant = await budget_now()
+            grant = await first_budget()
         if isinstance(grant, Denial) and max_wait > 0:
             return await self.limiter.reserve(max_wait, lead=lead)
         return grant

@@ -192,17 +192,18 @@ class Intake:
             operation.alert_count,
             len(chunks),
         )
-        answered: list[ApiResponse] = []
+        answered: list[tuple[ApiResponse, str]] = []  # the answer, and as kept with the chunk
 
         def answer_for(ended: Chunk) -> str:
             """A one-chunk request's answer, kept with its chunk's end (see `_from_ledger`)."""
-            answered.append(self._answer(operation, [ended], sub))
-            return _stored(answered[-1]).dumps()
+            answer = self._answer(operation, [ended], sub)
+            answered.append((answer, _stored(answer).dumps()))
+            return answered[-1][1]
 
         one_chunk = answer_for if len(chunks) == 1 else None
         chunks = await self._send_or_defer(chunks, sub.respond_async, held, one_chunk)
-        if answered and len(chunks) == 1 and chunks[0].answer == _stored(answered[-1]).dumps():
-            return answered[-1]
+        if answered and len(chunks) == 1 and chunks[0].answer == answered[-1][1]:
+            return answered[-1][0]  # recorded with the chunk's end (not someone else's end of it)
         answer = self._answer(operation, chunks, sub)
         await self.keys.complete(record, _stored(answer))
         return answer
