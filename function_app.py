@@ -1,6 +1,6 @@
 """alertgate's Azure Functions entry point: bindings and HTTP/queue translation only.
 
-Everything else lives in `shared/` as plain async Python (shared/api.py, shared/inbound.py). Settings
+Everything else lives in `shared/` as plain async Python (shared/api.py, shared/queue_handlers.py). Settings
 are read and validated here at import, so a misconfigured app stops at start-up with a message naming
 each bad setting; queue names and the sweep schedule come from them too.
 """
@@ -11,7 +11,7 @@ import logging
 
 import azure.functions as func
 
-from shared import api, inbound, runtime
+from shared import api, queue_handlers, runtime
 from shared.http import ApiRequest, ApiResponse
 
 SETTINGS = runtime.settings()  # fail fast: raises SettingsError naming every invalid setting
@@ -57,7 +57,7 @@ async def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.queue_trigger(arg_name="msg", queue_name=SETTINGS.requests_queue, connection="AzureWebJobsStorage")
 async def inbound_request(msg: func.QueueMessage) -> None:
-    outcome = await inbound.handle_request_message(msg.id or "", msg.get_body(), msg.dequeue_count or 1)
+    outcome = await queue_handlers.handle_request_message(msg.id or "", msg.get_body(), msg.dequeue_count or 1)
     log.info("inbound message %s: %s", msg.id, outcome)
 
 
@@ -68,13 +68,13 @@ async def inbound_request_poison(msg: func.QueueMessage) -> None:
     log.warning(
         "inbound poison message %s: %s",
         msg.id,
-        await inbound.handle_request_poison(msg.id or "", msg.get_body()),
+        await queue_handlers.handle_request_poison(msg.id or "", msg.get_body()),
     )
 
 
 @app.queue_trigger(arg_name="msg", queue_name=SETTINGS.chunks_queue, connection="AzureWebJobsStorage")
 async def send_chunk(msg: func.QueueMessage) -> None:
-    outcome = await inbound.handle_chunk_message(msg.get_body())
+    outcome = await queue_handlers.handle_chunk_message(msg.get_body())
     log.info("chunk message %s: %s", msg.id, outcome)
 
 
@@ -82,7 +82,7 @@ async def send_chunk(msg: func.QueueMessage) -> None:
     arg_name="msg", queue_name=f"{SETTINGS.chunks_queue}-poison", connection="AzureWebJobsStorage"
 )
 async def chunk_poison(msg: func.QueueMessage) -> None:
-    log.warning("chunk poison message %s: %s", msg.id, await inbound.handle_chunk_poison(msg.get_body()))
+    log.warning("chunk poison message %s: %s", msg.id, await queue_handlers.handle_chunk_poison(msg.get_body()))
 
 
 @app.timer_trigger(arg_name="timer", schedule=SETTINGS.sweep_schedule, run_on_startup=False)

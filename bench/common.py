@@ -58,7 +58,7 @@ def alert_id(n: int) -> str:
 
 def code_state() -> str:
     """The commit measured and whether the app's code differed from it, e.g. `0f8c196 (+ uncommitted
-    changes in shared/dispatch.py)`; `unknown` without git."""
+    changes in shared/sender.py)`; `unknown` without git."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -4,7 +4,7 @@ alertgate gets its Defender token from azure-identity's `ManagedIdentityCredenti
 Azure, so this endpoint answers the exact request that credential sends when `IDENTITY_ENDPOINT` and
 `IDENTITY_HEADER` are set (`GET /msi/token?api-version=2019-08-01&resource=...[&client_id=...]` with the
 `X-IDENTITY-HEADER` secret). Running the real credential against it means tests exercise the real token
-code path instead of a patched credential (DESIGN.md §5).
+code path instead of a patched credential (docs/contracts.md §5).
 
 Tokens are opaque random strings kept in a `TokenRegistry` that the MDE emulator shares, so a token is
 accepted there only if it was issued here, for an accepted audience, and is neither expired nor revoked.

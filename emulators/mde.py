@@ -1,7 +1,7 @@
 """A Defender for Endpoint `POST /api/alerts/batchUpdate` emulator that is strict where MDE is documented.
 
 alertgate cannot reach Microsoft in tests or in the local run, so this emulator is its counterpart. It
-obeys DEFENDER_FACTS.md §1-4: bearer tokens from the identity emulator for an accepted audience,
+obeys docs/mde-api.md §1-4: bearer tokens from the identity emulator for an accepted audience,
 case-sensitive body names (a wrongly cased name is ignored and reported in the call record), exact-case
 enum values, `MaximumBatchSizeExceeded`, sliding-window rate limits answered with 429 + `Retry-After`,
 200 with an empty body on success, and `{"error": {"code", "message", "target"}}` on every error.

@@ -3,7 +3,7 @@
 // A Flex Consumption (FC1) Linux Python function app that runs as one user-assigned managed identity;
 // a storage account reached with that identity only (shared keys off) holding the host's storage, the
 // deployment package, alertgate's tables and queues; Application Insights on a Log Analytics
-// workspace; the data-plane role assignments; every alertgate setting of DESIGN §4 from a parameter
+// workspace; the data-plane role assignments; every alertgate setting of docs/contracts.md §4 from a parameter
 // whose default is the documented default (README "Settings"). The MDE permission is an Entra app role,
 // which ARM cannot grant: infra/grant-defender-permission.sh does it after `azd up`.
 //
@@ -93,7 +93,7 @@ param allowedClientApplicationIds string = ''
 @description('Token issuer; empty for https://login.microsoftonline.com/<tenant>/v2.0 (this cloud\'s login endpoint).')
 param entraOpenIdIssuer string = ''
 
-// --- alertgate's settings (DESIGN §4, README "Settings"); defaults are the documented defaults -----------
+// --- alertgate's settings (docs/contracts.md §4, README "Settings"); defaults are the documented defaults -----------
 
 @description('DEFENDER_API_BASE_URL: MDE API host, e.g. https://eu.api.security.microsoft.com; GCC https://api-gcc.securitycenter.microsoft.us; GCC High/DoD https://api-gov.securitycenter.microsoft.us.')
 param defenderApiBaseUrl string = 'https://api.security.microsoft.com'

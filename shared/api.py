@@ -112,7 +112,12 @@ def wants_async(request: ApiRequest) -> bool:
 async def batch_update(request: ApiRequest) -> ApiResponse:
     from shared import runtime
     from shared.intake import Submission
-    from shared.model import ValidationRules, parse_json_body, validate_batch_update, validate_idempotency_key
+    from shared.validation import (
+        ValidationRules,
+        parse_json_body,
+        validate_batch_update,
+        validate_idempotency_key,
+    )
 
     settings = runtime.settings()
     key = validate_idempotency_key(request.header("Idempotency-Key"))
@@ -227,7 +232,7 @@ async def _queues(rt: Any) -> dict[str, Any]:
 
 async def sentinel_incident(request: ApiRequest) -> ApiResponse:
     from shared import runtime
-    from shared.model import parse_json_body
+    from shared.validation import parse_json_body
 
     settings = runtime.settings()
     document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
@@ -248,13 +253,13 @@ async def submit_incident(
     """One Sentinel incident → one batchUpdate for its MDE alerts, with a key derived from the incident."""
     from shared import runtime
     from shared.intake import Submission
-    from shared.model import ValidationRules, validate_batch_update
     from shared.sentinel import (
         OUTCOME_ALERTS_NOT_IN_PAYLOAD,
         OUTCOME_NO_DEFENDER_ALERTS,
         parse_incident,
         plan_update,
     )
+    from shared.validation import ValidationRules, validate_batch_update
 
     settings = runtime.settings()
     incident = parse_incident(document)

@@ -1,13 +1,13 @@
-"""One batchUpdate call to MDE, and what its answer means for the caller (DEFENDER_FACTS §1-2).
+"""One batchUpdate call to MDE, and what its answer means for the caller (docs/mde-api.md §1-2).
 
 The client makes exactly one HTTP call per `send` and never retries by itself: every call spends the
-shared budget (DESIGN §3), so retries, token refreshes and batch splitting are the dispatcher's
+shared budget (docs/contracts.md §3), so retries, token refreshes and batch splitting are the dispatcher's
 decisions. What it does decide is the *kind* of each answer: success, a smaller batch limit, a
 permanent failure, a retryable one, or an unknown outcome (the request may have reached MDE).
 
 "Sent" is known precisely: an aiohttp trace hook marks the moment the request headers went out. A
 failure before that point cannot have changed anything at MDE and is simply retryable; a failure after
-it may have applied the update (DESIGN §1 "Outcome unknown").
+it may have applied the update (docs/contracts.md §1 "Outcome unknown").
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _first_line(exc: BaseException) -> str:
 class BatchLimit:
     """The most ids per call: the setting, lowered for good when MDE reports a smaller allowance.
 
-    The learned value lives in the Budget table so that every instance uses it (DESIGN §3); each process
+    The learned value lives in the Budget table so that every instance uses it (docs/contracts.md §3); each process
     keeps a copy and re-reads it at most every `refresh_seconds`.
     """
 

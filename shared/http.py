@@ -7,7 +7,6 @@ sees a Functions type and runs the same under Core Tools, in Azure and in the de
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,9 +79,3 @@ def rejected(exc: RequestRejected) -> ApiResponse:
     return problem(
         exc.status, _KIND_BY_STATUS.get(exc.status, "invalid-request"), exc.title, exc.detail, exc.errors
     )
-
-
-def retry_after_header(seconds: float | None, *, minimum: int = 1) -> dict[str, str]:
-    """Retry-After in whole seconds, rounded up so a caller never comes back too early."""
-    value = minimum if seconds is None else max(minimum, math.ceil(seconds))
-    return {"Retry-After": str(value)}

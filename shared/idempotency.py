@@ -1,4 +1,4 @@
-"""Idempotency keys in Table Storage, with the IETF `Idempotency-Key` semantics of DESIGN §1.
+"""Idempotency keys in Table Storage, with the IETF `Idempotency-Key` semantics of docs/contracts.md §1.
 
 Modelled on AWS Lambda Powertools' idempotency utility: a record with explicit states behind a small
 store interface. A key is claimed with one atomic insert (a 409 means someone holds it); the record

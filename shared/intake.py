@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.dispatch import AnswerHook, AttemptKind, plan_chunks
 from shared.errors import FieldError
 from shared.http import ApiResponse, json_response, problem
 from shared.idempotency import ClaimOutcome, IdempotencyKey, KeyKind, KeyRecord, StoredResponse
@@ -29,13 +28,14 @@ from shared.ledger import (
 )
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
 from shared.ratelimit import Denial, Grant
+from shared.sender import AnswerHook, AttemptKind, plan_chunks
 
 if TYPE_CHECKING:
-    from shared.dispatch import Sender
     from shared.idempotency import IdempotencyStore
     from shared.ledger import Ledger
-    from shared.model import BatchUpdate
+    from shared.sender import Sender
     from shared.settings import Settings
+    from shared.validation import BatchUpdate
 
 log = logging.getLogger(__name__)
 

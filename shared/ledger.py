@@ -20,7 +20,7 @@ Row keys (all in partition `ledger`):
                          briefly also a finished one (see below)
     r-<seq>[-<n>...]     a finished chunk: Succeeded, Failed or OutcomeUnknown
 
-Per-alert order (DESIGN §3) is read from the pending entries: a chunk may be sent only when no pending
+Per-alert order (docs/contracts.md §3) is read from the pending entries: a chunk may be sent only when no pending
 entry with a smaller row key shares an alert with it. Pending entries hold exactly one call's worth of
 ids and one update, the shape a later scheduler can merge (same fields, disjoint alerts).
 

@@ -1,4 +1,4 @@
-"""The operation resource (DESIGN §1 "GET /api/operations/{operationId}") and the status it answers with.
+"""The operation resource (docs/contracts.md §1 "GET /api/operations/{operationId}") and the status it answers with.
 
 Pure functions over the ledger's records, so the rules are tested without storage:
 - Succeeded when every chunk is; PartiallySucceeded when some chunk Succeeded and another did not;

@@ -1,6 +1,6 @@
 """Storage queue clients: the internal chunks queue, the inbound requests queue, and their depths.
 
-Messages are base64-encoded, as the Functions host's default `messageEncoding` expects (DESIGN §2).
+Messages are base64-encoded, as the Functions host's default `messageEncoding` expects (docs/contracts.md §2).
 A message's visibility delay is how the chunks worker waits (for budget, for an earlier update of the
 same alert, for a retry's back-off) without holding an instance or burning dequeue attempts.
 """

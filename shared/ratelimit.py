@@ -2,7 +2,7 @@
 
 MDE allows each app + tenant a fixed number of batchUpdate calls per window (10 a minute and 500 an
 hour), however many Functions instances make them, so the budget lives in one entity that all instances
-read and write (DESIGN §3):
+read and write (docs/contracts.md §3):
 
 - `Log` holds a sliding log of grant times, reserved future slots included (epoch milliseconds, sorted,
   comma-separated), trimmed to what the longest window can still need. A sliding log, unlike a fixed-window counter, is exact over

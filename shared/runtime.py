@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from azure.data.tables.aio import TableServiceClient
 
     from shared.defender import BatchLimit, DefenderClient
-    from shared.dispatch import Sender
     from shared.idempotency import IdempotencyStore
     from shared.intake import Intake
     from shared.ledger import Ledger
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
+    from shared.sender import Sender
     from shared.sentinel import SentinelMapping
     from shared.tables import Tables
     from shared.tokens import TokenProvider
@@ -70,12 +70,12 @@ async def build_runtime(settings: Settings) -> Runtime:
     import aiohttp
 
     from shared.defender import BatchLimit, DefenderClient, trace_config
-    from shared.dispatch import Sender
     from shared.idempotency import IdempotencyStore
     from shared.intake import Intake
     from shared.ledger import Ledger
     from shared.queues import Queues, queue_client
     from shared.ratelimit import RateLimiter
+    from shared.sender import Sender
     from shared.storage import storage_credential, table_service
     from shared.tables import Tables
     from shared.tokens import TokenProvider

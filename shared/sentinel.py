@@ -1,4 +1,4 @@
-"""A Microsoft Sentinel incident → one batchUpdate body for its MDE alerts (DESIGN §1, DEFENDER_FACTS §7).
+"""A Microsoft Sentinel incident → one batchUpdate body for its MDE alerts (docs/contracts.md §1, docs/mde-api.md §7).
 
 Sentinel closes an incident; its Microsoft Defender for Endpoint alerts stay open unless someone pushes
 the closure to MDE. This module is the pure half of that push: it reads the incident as an automation
@@ -6,7 +6,7 @@ rule / incident trigger delivers it (`object.properties…`) or as a bare incide
 (`properties…`), picks the MDE alerts, and plans one batchUpdate body with a derived idempotency key.
 No I/O here, so every rule can be tested without a service.
 
-Choices where DESIGN §1 is silent (each is the safer of the options, and tested):
+Choices where docs/contracts.md §1 is silent (each is the safer of the options, and tested):
 
 - Keys are read case-insensitively at every level, because Sentinel itself varies the casing
   (`alerts`/`Alerts`). A key given twice with different casings and *different* values is rejected
@@ -49,7 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from shared.errors import FieldError, RequestRejected, SettingsError
-from shared.model import (
+from shared.validation import (
     ASSIGNED_TO_MAX,
     CLASSIFICATION_ALIASES,
     CLASSIFICATION_VALUES,
@@ -142,7 +142,7 @@ class SentinelMapping:
 
 
 def default_mapping() -> SentinelMapping:
-    """The table of DESIGN §1, unchanged."""
+    """The table of docs/contracts.md §1, unchanged."""
     return SentinelMapping(_DEFAULT_RULES)
 
 
@@ -210,7 +210,7 @@ def _mapping_key(given: Any, problems: list[tuple[str, str]]) -> str | None:
 
 
 def _mapping_rule(key: Any, entry: Any, problems: list[tuple[str, str]]) -> MappingRule | None:
-    """One entry's MDE values, canonicalised with shared.model's enums and aliases."""
+    """One entry's MDE values, canonicalised with shared.validation's enums and aliases."""
     where = f"entry {key!r}"
     if not isinstance(entry, Mapping):
         problems.append(

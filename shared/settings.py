@@ -1,6 +1,6 @@
 """alertgate's settings: read from the environment once, validated at start-up.
 
-Every setting of DESIGN §4 is parsed here and nowhere else. A bad value raises `SettingsError` listing
+Every setting of docs/contracts.md §4 is parsed here and nowhere else. A bad value raises `SettingsError` listing
 every bad setting by name with the rule it broke, so a misconfigured deployment stops at start-up with a
 message an operator can act on, instead of failing on the first request.
 """
@@ -75,7 +75,7 @@ class Settings:
     sweep_schedule: str
     sweep_grace_seconds: float
     # In Azure (and locally against the identity emulator) the App Service identity endpoint is set;
-    # elsewhere a developer's own login is used through DefaultAzureCredential (DESIGN §5).
+    # elsewhere a developer's own login is used through DefaultAzureCredential (docs/contracts.md §5).
     use_managed_identity: bool = field(default=False)
 
     @property
@@ -153,7 +153,7 @@ def _http_url(text: str) -> str:
 
 def _pattern(text: str) -> re.Pattern[str]:
     try:
-        # ASCII: `\d` must not match other scripts' digits (DESIGN §1: ASCII digits only).
+        # ASCII: `\d` must not match other scripts' digits (docs/contracts.md §1: ASCII digits only).
         return re.compile(text, re.ASCII)
     except re.error as exc:
         raise ValueError(f"is not a valid regular expression: {exc}") from None
@@ -239,7 +239,7 @@ def _storage(reader: _Reader) -> StorageSettings:
 
 
 def _enum_overrides(reader: _Reader) -> dict[str, str]:
-    from shared.model import ALL_CANONICAL_VALUES  # model imports nothing heavy
+    from shared.validation import ALL_CANONICAL_VALUES  # model imports nothing heavy
 
     overrides: dict[str, Any] = reader.get("DEFENDER_ENUM_OVERRIDES", {}, _json_object)
     clean: dict[str, str] = {}

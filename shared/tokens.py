@@ -5,7 +5,7 @@ anywhere else DefaultAzureCredential, so a developer's own login works. Locally 
 App Service identity protocol is served by the identity emulator, so the real credential code runs.
 
 The token is cached here rather than relying on the credential's own cache so that a 401 can force a
-fresh one (DESIGN §1: a 401 is retried once with a token fetched fresh, bypassing any cache): the
+fresh one (docs/contracts.md §1: a 401 is retried once with a token fetched fresh, bypassing any cache): the
 credential is then replaced, which discards whatever it had cached too.
 """
 
@@ -33,7 +33,7 @@ class CachedToken:
 
 
 def make_credential(use_managed_identity: bool, client_id: str | None) -> AsyncTokenCredential:
-    """The credential DESIGN §5 asks for; imported lazily to keep cold start short."""
+    """The credential docs/contracts.md §5 asks for; imported lazily to keep cold start short."""
     if use_managed_identity:
         from azure.identity.aio import ManagedIdentityCredential
 
@@ -57,7 +57,6 @@ class TokenProvider:
         self._credential: AsyncTokenCredential | None = None
         self._token: CachedToken | None = None
         self._lock = asyncio.Lock()
-        self.fetches = 0
 
     async def token(self) -> str:
         """A valid bearer token; concurrent callers share one fetch."""
@@ -88,7 +87,6 @@ class TokenProvider:
         if self._credential is None:
             self._credential = make_credential(self._use_managed_identity, self._client_id)
         access = await self._credential.get_token(self._scope)
-        self.fetches += 1
         self._token = CachedToken(access.token, float(access.expires_on))
         log.info("fetched a token for %s, valid until %s", self._scope, int(access.expires_on))
         return access.token

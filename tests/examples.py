@@ -1,4 +1,4 @@
-"""Example payloads shared by the tests, from Microsoft's documentation (DEFENDER_FACTS §1, §6)."""
+"""Example payloads shared by the tests, from Microsoft's documentation (docs/mde-api.md §1, §6)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ param deploymentContainerName string
 @description('Application Insights component the app sends telemetry to.')
 param applicationInsightsName string
 
-@description('alertgate\'s own app settings (DESIGN §4), built in main.bicep.')
+@description('alertgate\'s own app settings (docs/contracts.md §4), built in main.bicep.')
 param appSettings object
 
 @description('Python version of the Flex Consumption runtime.')

@@ -11,7 +11,7 @@
 // - optionally the role assignments the playbook needs (see the parameters).
 //
 // The function key travels in the `code` query parameter, not in a header: alertgate copies it into the
-// Location of a 202 (DESIGN §1), so the HTTP action's asynchronous polling of GET /api/operations/{id}
+// Location of a 202 (docs/contracts.md §1), so the HTTP action's asynchronous polling of GET /api/operations/{id}
 // is authorized with the same key. That is also why the key must be a host key (default or a named one):
 // a function-specific key of sentinel_incident does not open get_operation.
 

@@ -24,7 +24,7 @@ MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
 MDE_SCOPE = f"{MDE_RESOURCE}/.default"
 BATCH_UPDATE = "/api/alerts/batchUpdate"
 
-# Microsoft's documented example body (DEFENDER_FACTS.md §1).
+# Microsoft's documented example body (docs/mde-api.md §1).
 DOCUMENTED_EXAMPLE: dict[str, Any] = {
     "alertIds": ["da637399794050273582_760707377", "da637399989469816469_51697947354"],
     "status": "Resolved",

@@ -20,7 +20,7 @@ from jsonschema import Draft4Validator  # type: ignore[import-untyped]
 from openapi_spec_validator import OpenAPIV2SpecValidator, validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
-from shared import model
+from shared import validation as model
 from tests.infra import REPO, registered_functions
 
 OPENAPI = REPO / "openapi.yaml"
@@ -101,7 +101,7 @@ def test_errors_are_problem_details(spec: dict[str, Any]) -> None:
     assert {"type", "title", "status", "detail", "errors"} <= set(problem)
     for (path, method), operation in operations(spec).items():
         if path.startswith("/operations/") or path == "/health":
-            continue  # these answer failures with the resource itself (DESIGN §1)
+            continue  # these answer failures with the resource itself (docs/contracts.md §1)
         for status, response in operation["responses"].items():
             if int(status) < 400:
                 continue

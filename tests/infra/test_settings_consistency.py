@@ -1,4 +1,4 @@
-"""alertgate's own settings (DESIGN §4) are one set in the code, in the deployment and in the local sample.
+"""alertgate's own settings (docs/contracts.md §4) are one set in the code, in the deployment and in the local sample.
 
 A setting the code reads but the deployment never sets silently runs on its default in Azure; one the
 deployment sets but the code never reads is dead configuration an operator will trust; one missing from

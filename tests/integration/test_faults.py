@@ -2,7 +2,7 @@
 
 Every case runs the real app in development hosts against the MDE emulator, scripts the fault at the
 emulator, and judges alertgate by what the emulator recorded (calls, their times, the alerts' state) and by
-what a caller polling GET /api/operations sees (DESIGN §1: retries, "Outcome unknown", the answer codes).
+what a caller polling GET /api/operations sees (docs/contracts.md §1: retries, "Outcome unknown", the answer codes).
 
 Hosts poll their queues at most every 0.5 s instead of host.json's 2 s, so retries show up quickly; every
 wait is bounded in time.
@@ -74,7 +74,7 @@ async def test_two_5xx_then_ok_is_applied_once_after_three_attempts(
 async def test_a_429_retry_after_holds_back_every_instance(
     hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession, own_hosts: list[Service]
 ) -> None:
-    """A 429 told to one instance blocks all of them (DESIGN §3): requests for other alerts sent through a
+    """A 429 told to one instance blocks all of them (docs/contracts.md §3): requests for other alerts sent through a
     second instance right after it are deferred, and nobody calls MDE before Retry-After has passed."""
     first, env = await asyncio.to_thread(hosts.fresh, **FAST)
     own_hosts.append(first)

@@ -13,7 +13,7 @@ from azure.storage.queue.aio import QueueClient
 
 from devhost.services import Service
 from emulators.control import EmulatorControl
-from shared.inbound import operation_id_for_message
+from shared.queue_handlers import operation_id_for_message
 from tests.conftest import HostPool
 from tests.integration.helpers import new_ids, post, wait_for_operation
 

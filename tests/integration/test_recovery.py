@@ -1,7 +1,7 @@
 """Crash recovery end to end: an instance is killed (SIGKILL) with a call to MDE in flight, and another
 instance of the same app (same tables and queues) takes over.
 
-DESIGN §3: a chunk is marked Sending before its call (the outbox), so a crash between send and record
+docs/contracts.md §3: a chunk is marked Sending before its call (the outbox), so a crash between send and record
 leaves a trace, and the sweep resolves it by the "outcome unknown" rule of §1 on the queue path and on the
 synchronous path alike: a chunk with a comment ends OutcomeUnknown (504) and is never re-sent, one
 without a comment is re-sent with the same values. Nothing accepted is lost.
@@ -170,7 +170,7 @@ async def test_http_request_killed_between_send_and_record_on_the_synchronous_pa
     the outbox and the sweep alone must resolve the chunk. The caller, whose POST failed, retries with its
     Idempotency-Key: once the operation has ended, nothing is processing the first request any more, so
     the retry gets the operation's answer (504 or 200) naming it (operationId, Location), marked
-    Idempotent-Replayed, and nothing is forwarded again (DESIGN §1 idempotency, §3 keys)."""
+    Idempotent-Replayed, and nothing is forwarded again (docs/contracts.md §1 idempotency, §3 keys)."""
     first, env = await asyncio.to_thread(hosts.fresh, **RECOVERY)
     own_hosts.append(first)
     ids, key = new_ids(2), f"playbook-run-{uuid.uuid4()}"

@@ -1,6 +1,6 @@
 """The promises every reliability case is judged by, checked from the outside after the case ran.
 
-alertgate promises (README, DESIGN §1 and §3) that whatever goes wrong upstream or in its own processes:
+alertgate promises (README, docs/contracts.md §1 and §3) that whatever goes wrong upstream or in its own processes:
 
 1. **Nothing is lost.** Every accepted operation ends within a bound, each chunk Succeeded or, when the
    call's outcome is unknown and the chunk carries a comment, OutcomeUnknown with a record saying so;

@@ -8,7 +8,7 @@ The properties (issue 6, part 3), for every generated body, each POSTed with its
   exact field names in MDE's order, canonical enum values, duplicates removed in first-seen order.
 
 Validity and the canonical form are computed here, independently, by `expected_body` from the README's
-rules (only the enum *lists* come from shared.model; calling its validator would make the test
+rules (only the enum *lists* come from shared.validation; calling its validator would make the test
 circular). Field names and enum values are matched case-insensitively in ASCII (A-Z against a-z), the
 documented behaviour: the generator includes Unicode characters whose lowercase mapping is unusual (the
 Kelvin sign lowercases to `k` in Unicode, the long s and dotted capital I do not lowercase to ASCII), and
@@ -51,7 +51,7 @@ from hypothesis import strategies as st
 
 from devhost.services import Service, start_devhost, start_emulators
 from emulators.control import EmulatorControl
-from shared.model import (
+from shared.validation import (
     CLASSIFICATION_ALIASES,
     CLASSIFICATION_VALUES,
     DETERMINATION_ALIASES,

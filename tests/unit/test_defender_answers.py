@@ -1,4 +1,4 @@
-"""How each MDE answer is classified (DEFENDER_FACTS §2), and the learned batch limit."""
+"""How each MDE answer is classified (docs/mde-api.md §2), and the learned batch limit."""
 
 from __future__ import annotations
 

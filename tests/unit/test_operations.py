@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from shared.dispatch import backoff, plan_chunks
 from shared.ledger import Chunk, ChunkResult, Operation, PendingState, fingerprints
 from shared.operations import is_operation_id, retry_after_seconds, status_of
+from shared.sender import backoff, plan_chunks
 
 OP = Operation("3f1c0e52-5d7a-4f8e-9a57-2f1f3c9b7e10", 1000.0, "http", {}, 3, 1, 3)
 

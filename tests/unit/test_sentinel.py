@@ -1,4 +1,4 @@
-"""Sentinel incident → batchUpdate body (DESIGN §1 "POST /api/sentinel/incidents"), without any service."""
+"""Sentinel incident → batchUpdate body (docs/contracts.md §1 "POST /api/sentinel/incidents"), without any service."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 
 from shared.errors import RequestRejected, SettingsError
-from shared.model import ASSIGNED_TO_MAX, COMMENT_MAX, ValidationRules, validate_batch_update
-from shared.model import validate_idempotency_key as check_header_key
 from shared.sentinel import (
     MDE_PRODUCT_NAME,
     Incident,
@@ -28,6 +26,8 @@ from shared.sentinel import (
     plan_update,
 )
 from shared.settings import DEFAULT_ALERT_ID_PATTERN
+from shared.validation import ASSIGNED_TO_MAX, COMMENT_MAX, ValidationRules, validate_batch_update
+from shared.validation import validate_idempotency_key as check_header_key
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sentinel"
 RULES = ValidationRules(re.compile(DEFAULT_ALERT_ID_PATTERN, re.ASCII), max_alerts_per_request=10000)

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from shared.errors import RequestRejected
-from shared.model import (
+from shared.settings import DEFAULT_ALERT_ID_PATTERN
+from shared.validation import (
     AlertUpdate,
     BatchUpdate,
     ValidationRules,
@@ -17,7 +18,6 @@ from shared.model import (
     validate_batch_update,
     validate_idempotency_key,
 )
-from shared.settings import DEFAULT_ALERT_ID_PATTERN
 from tests.examples import ID1, ID2, MICROSOFT_EXAMPLE
 
 RULES = ValidationRules(re.compile(DEFAULT_ALERT_ID_PATTERN, re.ASCII), max_alerts_per_request=5)

@@ -1,4 +1,4 @@
-"""The batchUpdate body: strict validation and one canonical form (DESIGN §1, DEFENDER_FACTS §3).
+"""The batchUpdate body: strict validation and one canonical form (docs/contracts.md §1, docs/mde-api.md §3).
 
 MDE's body is case-sensitive and silently ignores a field it does not know (`Status` is dropped, the
 alert stays open), so a typo in a playbook would "succeed" and change nothing. alertgate therefore
@@ -121,9 +121,6 @@ class BatchUpdate:
     def canonical_body(self) -> dict[str, Any]:
         return {"alertIds": list(self.alert_ids), **self.update.fields()}
 
-    def canonical_json(self) -> str:
-        return json.dumps(self.canonical_body(), ensure_ascii=False, separators=(",", ":"))
-
     def digest(self) -> str:
         """A stable fingerprint of what this request asks for (ids as a set, fields canonical)."""
         payload = {"alertIds": sorted(self.alert_ids), **self.update.fields()}
@@ -229,7 +226,7 @@ class _Errors:
 
 
 def validate_batch_update(document: Any, rules: ValidationRules) -> BatchUpdate:
-    """Check every rule of DESIGN §1 and return the canonical request, or raise listing every problem."""
+    """Check every rule of docs/contracts.md §1 and return the canonical request, or raise listing every problem."""
     errors = _Errors()
     if not isinstance(document, dict):
         errors.add("body", f"must be a JSON object, not {json_type(document)}")

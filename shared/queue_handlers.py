@@ -1,6 +1,6 @@
 """Queue-triggered entry points: the inbound requests queue, the chunks worker, and the poison queues.
 
-The inbound queue (REQUESTS_QUEUE, DESIGN §2) takes what other services put on it: a batchUpdate body,
+The inbound queue (REQUESTS_QUEUE, docs/contracts.md §2) takes what other services put on it: a batchUpdate body,
 optionally with `idempotencyKey` (the queue's stand-in for the header), or `{"sentinelIncident": {...}}`.
 It gets the same validation and idempotency as HTTP. A message that can never succeed (invalid) becomes a
 Failed operation with its reasons, whose id is derived from the message id (UUID v5) so a redelivery
@@ -44,7 +44,12 @@ async def handle_request_message(message_id: str, body: bytes, dequeue_count: in
     from shared import runtime
     from shared.api import submit_incident
     from shared.intake import Submission
-    from shared.model import ValidationRules, parse_json_body, validate_batch_update, validate_idempotency_key
+    from shared.validation import (
+        ValidationRules,
+        parse_json_body,
+        validate_batch_update,
+        validate_idempotency_key,
+    )
 
     rt = await runtime.ready()
     settings = rt.settings

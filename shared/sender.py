@@ -13,7 +13,7 @@ queue, whose worker sends it later. Every send follows the same steps (`Sender.a
 3. marked Sending in the ledger *before* the call (the outbox: a crash leaves a trace), MARK_LEAD_SECONDS
    ahead of a reserved slot (the worker's grants are always that far ahead); the HTTP path usually
    accepts its first chunk already marked (Ledger.look_ahead);
-4. the call, and its outcome recorded (DESIGN §1):
+4. the call, and its outcome recorded (docs/contracts.md §1):
    - 200 → Succeeded; MaximumBatchSizeExceeded → split by MDE's allowance, limit remembered;
    - 401 → once more with a token fetched fresh; a second 401, or a 403 → Failed (502);
    - other 4xx → Failed (422) with MDE's code, message and target;
@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from shared.defender import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError
 from shared.ledger import AcceptPlan, AlreadyAccepted, Chunk, ChunkResult, Operation, PendingState
-from shared.model import outbound_body
 from shared.ratelimit import Denial, Grant
+from shared.validation import outbound_body
 
 if TYPE_CHECKING:
     from shared.defender import BatchLimit, DefenderClient
