@@ -57,7 +57,9 @@ async def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.queue_trigger(arg_name="msg", queue_name=SETTINGS.requests_queue, connection="AzureWebJobsStorage")
 async def inbound_request(msg: func.QueueMessage) -> None:
-    outcome = await queue_handlers.handle_request_message(msg.id or "", msg.get_body(), msg.dequeue_count or 1)
+    outcome = await queue_handlers.handle_request_message(
+        msg.id or "", msg.get_body(), msg.dequeue_count or 1
+    )
     log.info("inbound message %s: %s", msg.id, outcome)
 
 
@@ -82,7 +84,9 @@ async def send_chunk(msg: func.QueueMessage) -> None:
     arg_name="msg", queue_name=f"{SETTINGS.chunks_queue}-poison", connection="AzureWebJobsStorage"
 )
 async def chunk_poison(msg: func.QueueMessage) -> None:
-    log.warning("chunk poison message %s: %s", msg.id, await queue_handlers.handle_chunk_poison(msg.get_body()))
+    log.warning(
+        "chunk poison message %s: %s", msg.id, await queue_handlers.handle_chunk_poison(msg.get_body())
+    )
 
 
 @app.timer_trigger(arg_name="timer", schedule=SETTINGS.sweep_schedule, run_on_startup=False)
