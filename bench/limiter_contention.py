@@ -28,6 +28,7 @@ from devhost.services import start_azurite
 from emulators.control import max_calls_in_any_window
 from shared.ratelimit import Grant, LimiterContentionError, RateLimiter
 from shared.settings import RateWindow, parse_rate_limits
+from shared.storage import StateTable
 
 ACQUIRER_COUNTS = (1, 2, 4, 8, 16)
 MAX_ACQUIRES_PER_ACQUIRER = 100_000  # a bound in count as well as in time
@@ -58,7 +59,7 @@ async def run_once(
     async with TableServiceClient.from_connection_string(connection_string) as service:
         await service.create_table(name)
         clients = [TableClient.from_connection_string(connection_string, name) for _ in range(acquirers)]
-        limiters = [RateLimiter(client, windows, margin) for client in clients]
+        limiters = [RateLimiter(StateTable(client), windows, margin) for client in clients]
         run = Run(acquirers, [], [], 0, 0)
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from shared.errors import FieldError, RequestRejected
+from shared.errors import FieldError, RequestRejected, StateContention, StorageUnavailable
 from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,20 @@ async def guarded(
         return await handler(request)
     except RequestRejected as exc:
         return rejected(exc)
+    except StateContention as exc:
+        log.warning("contention on shared state handling %s %s: %s", request.method, request.url, exc)
+        return problem(
+            503,
+            "state-contention",
+            "Busy",
+            "Too many requests changed the same shared state at once; retry after the Retry-After delay. "
+            "If the request was accepted, its operation goes on; re-sending with the same Idempotency-Key "
+            "is safe.",
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
+        )
     except Exception as exc:
         incident = str(uuid.uuid4())
-        if _storage_unreachable(exc):
+        if isinstance(exc, StorageUnavailable) or _storage_unreachable(exc):
             log.warning(
                 "storage unreachable handling %s %s (incident %s): %s",
                 request.method,

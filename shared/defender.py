@@ -24,10 +24,12 @@ from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from shared.errors import StateContention
+
 if TYPE_CHECKING:
     import aiohttp
-    from azure.data.tables.aio import TableClient
 
+    from shared.storage import StateStore
     from shared.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
@@ -230,7 +232,7 @@ class BatchLimit:
     ROW = ("mde", "batch-limit")
 
     def __init__(
-        self, configured: int, table: TableClient | None = None, refresh_seconds: float = 30.0
+        self, configured: int, table: StateStore | None = None, refresh_seconds: float = 30.0
     ) -> None:
         self.configured = configured
         self.learned: int | None = None
@@ -246,13 +248,9 @@ class BatchLimit:
         """The current limit, re-read from the table when the local copy is old."""
         if self._table is None or time.monotonic() - self._read_at < self._refresh:
             return self.current
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            entity = await self._table.get_entity(*self.ROW)
+        entity = await self._table.get(*self.ROW)
+        if entity is not None:
             self._remember(int(entity["Allowed"]))
-        except ResourceNotFoundError:
-            pass
         self._read_at = time.monotonic()
         return self.current
 
@@ -270,32 +268,22 @@ class BatchLimit:
         return self.current
 
     async def _store(self, allowed: int) -> None:
-        from azure.core import MatchConditions
-        from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-        from azure.data.tables import UpdateMode
-
+        """Lower the stored limit to `allowed` unless it is lower already (another instance learned more)."""
         assert self._table is not None
         pk, rk = self.ROW
         for _ in range(10):
-            try:
-                entity = await self._table.get_entity(pk, rk)
-            except ResourceNotFoundError:
-                try:
-                    await self._table.create_entity({"PartitionKey": pk, "RowKey": rk, "Allowed": allowed})
+            entity = await self._table.get(pk, rk)
+            if entity is None:
+                if (
+                    await self._table.insert({"PartitionKey": pk, "RowKey": rk, "Allowed": allowed})
+                    is not None
+                ):
                     return
-                except ResourceExistsError:
-                    continue
+                continue
             if int(entity["Allowed"]) <= allowed:
                 self._remember(int(entity["Allowed"]))
                 return
-            try:
-                await self._table.update_entity(
-                    {"PartitionKey": pk, "RowKey": rk, "Allowed": allowed},
-                    mode=UpdateMode.REPLACE,
-                    etag=entity.metadata["etag"],
-                    match_condition=MatchConditions.IfNotModified,
-                )
+            new = {"PartitionKey": pk, "RowKey": rk, "Allowed": allowed}
+            if await self._table.replace(new, str(entity.metadata["etag"])) is not None:
                 return
-            except HttpResponseError as exc:
-                if exc.status_code != 412:
-                    raise
+        raise StateContention(f"the learned batch limit {pk}/{rk} kept changing under ten writes")

@@ -38,3 +38,26 @@ class RequestRejected(AlertgateError):
         self.detail = detail
         self.errors = errors or []
         super().__init__(detail)
+
+
+class StorageUnavailable(AlertgateError):
+    """Table or Queue storage could not settle a call within the seam's bounded retries (shared.storage).
+
+    The HTTP edge answers 503 with Retry-After `retry_after`; a queue invocation fails so its message
+    comes back. Whatever was accepted before stays in the ledger, and a retry with the same key is safe.
+    """
+
+    def __init__(self, detail: str, retry_after: float = 2.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)
+
+
+class StateContention(AlertgateError):
+    """A shared row kept changing under bounded conditional writes (many instances racing for it).
+
+    Like StorageUnavailable it passes: the HTTP edge answers 503 with Retry-After.
+    """
+
+    def __init__(self, detail: str, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)

@@ -23,7 +23,6 @@ that they never swallow a change back (A, B, A sends three times).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import json
@@ -32,9 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.errors import StateContention
+
 if TYPE_CHECKING:
     from azure.data.tables import TableEntity
-    from azure.data.tables.aio import TableClient
+
+    from shared.storage import StateStore
 
 
 ROW_KEY = "key"
@@ -145,7 +147,7 @@ class Claim:
 class IdempotencyStore:
     def __init__(
         self,
-        table: TableClient,
+        table: StateStore,
         *,
         explicit_ttl: float,
         derived_ttl: float,
@@ -167,16 +169,13 @@ class IdempotencyStore:
 
     async def claim(self, key: IdempotencyKey, digest: str, operation_id: str) -> Claim:
         """Claim the key for a new operation, or say what the existing record means for this request."""
-        from azure.core.exceptions import ResourceExistsError
-
         record = self._new_record(key, digest, operation_id)
         for _ in range(5):
-            try:
-                meta = await self._table.create_entity(record.to_entity())
-                record.etag = meta["etag"]
+            etag = await self._table.insert(record.to_entity())
+            if etag is not None:
+                record.etag = etag
                 return Claim(ClaimOutcome.CLAIMED, record)
-            except ResourceExistsError:
-                existing = await self.get(key)
+            existing = await self.get(key)
             if existing is None:
                 continue  # purged between the insert and the read: try the insert again
             if existing.expires_at <= self._clock():
@@ -185,7 +184,7 @@ class IdempotencyStore:
                     return Claim(ClaimOutcome.CLAIMED, replaced)
                 continue
             return Claim(self._judge(existing, digest), existing)
-        raise RuntimeError("idempotency key kept changing under five claims in a row")
+        raise StateContention("the idempotency key kept changing under five claims in a row")
 
     def _judge(self, existing: KeyRecord, digest: str) -> ClaimOutcome:
         if existing.digest != digest:
@@ -197,12 +196,8 @@ class IdempotencyStore:
         return ClaimOutcome.IN_PROGRESS
 
     async def get(self, key: IdempotencyKey) -> KeyRecord | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return KeyRecord.from_entity(key, await self._table.get_entity(key.partition_key, ROW_KEY))
-        except ResourceNotFoundError:
-            return None
+        entity = await self._table.get(key.partition_key, ROW_KEY)
+        return None if entity is None else KeyRecord.from_entity(key, entity)
 
     async def replace(self, existing: KeyRecord, digest: str, operation_id: str) -> KeyRecord | None:
         """Take the key over for a new claim if nobody changed it since it was read (ETag)."""
@@ -230,49 +225,21 @@ class IdempotencyStore:
         return await self._write_if_unchanged(done, record.etag)
 
     async def release(self, record: KeyRecord) -> None:
-        """Drop a claim whose request was never accepted (nothing sent), so a retry can proceed."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import HttpResponseError
-
-        # changed or gone: whoever changed it owns it now
-        with contextlib.suppress(HttpResponseError):
-            await self._table.delete_entity(
-                record.key.partition_key,
-                ROW_KEY,
-                etag=record.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
+        """Drop a claim whose request was never accepted (nothing sent), so a retry can proceed. If the
+        record changed meanwhile, whoever changed it owns it now."""
+        await self._table.delete(record.key.partition_key, ROW_KEY, record.etag)
 
     async def _write_if_unchanged(self, record: KeyRecord, etag: str | None) -> KeyRecord | None:
-        from azure.core import MatchConditions
-        from azure.core.exceptions import HttpResponseError
-        from azure.data.tables import UpdateMode
-
-        try:
-            meta = await self._table.update_entity(
-                record.to_entity(),
-                mode=UpdateMode.REPLACE,
-                etag=etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except HttpResponseError as exc:
-            if exc.status_code in (404, 412):
-                return None
-            raise
-        record.etag = meta["etag"]
+        new_etag = await self._table.replace(record.to_entity(), etag)
+        if new_etag is None:
+            return None
+        record.etag = new_etag
         return record
 
     async def purge(self, before: float) -> int:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        removed = 0
-        entities = self._table.query_entities(
-            "ExpiresAt lt @before", parameters={"before": before}, select=["PartitionKey", "RowKey"]
+        entities = await self._table.query(
+            "ExpiresAt lt @before", {"before": before}, ["PartitionKey", "RowKey"]
         )
-        async for entity in entities:
-            try:
-                await self._table.delete_entity(entity["PartitionKey"], entity["RowKey"])
-                removed += 1
-            except ResourceNotFoundError:
-                pass
-        return removed
+        for entity in entities:
+            await self._table.delete(entity["PartitionKey"], entity["RowKey"])
+        return len(entities)

@@ -42,6 +42,7 @@ it, and `chunks_of` reports it as finished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,11 +52,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import AlertgateError
+from shared.errors import AlertgateError, StateContention, StorageUnavailable
+from shared.storage import conditional
 
 if TYPE_CHECKING:
     from azure.data.tables import TableEntity
-    from azure.data.tables.aio import TableClient
+
+    from shared.storage import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ MAX_ENTRIES_PER_ACCEPT = MAX_TRANSACTION - 3  # counter + operation + journal + 
 _SEQ_DIGITS = 12
 
 
-class LedgerConflict(AlertgateError):
+class LedgerConflict(StateContention):
     """Bounded ETag retries ran out (very heavy contention on the accept counter)."""
 
 
@@ -276,7 +279,7 @@ class AcceptPlan:
 
 
 class Ledger:
-    def __init__(self, table: TableClient, clock: Any = time.time) -> None:
+    def __init__(self, table: StateStore, clock: Any = time.time) -> None:
         self._table = table
         self._clock = clock
         self._counter: tuple[int, str] | None = None  # (next seq, etag) as last seen
@@ -291,12 +294,8 @@ class Ledger:
         if counter is None:
             return None
         mine = set(alert_ids)
-        entities = self._table.query_entities(
-            _UNFINISHED_RANGE, parameters=_unfinished("p-", "p."), select=["AlertIds"]
-        )
-        blocked = False
-        async for entity in entities:
-            blocked = blocked or bool(mine.intersection(json.loads(entity["AlertIds"])))
+        entities = await self._table.query(_UNFINISHED_RANGE, _unfinished("p-", "p."), select=["AlertIds"])
+        blocked = any(mine.intersection(json.loads(entity["AlertIds"])) for entity in entities)
         return OrderView(counter, blocked)
 
     async def accept(self, plan: AcceptPlan, view: OrderView | None = None) -> tuple[Operation, list[Chunk]]:
@@ -314,29 +313,27 @@ class Ledger:
                 first, etag = self._counter or await self._read_counter()  # the view's counter, if sending
                 operation, chunks, ops = self._accept_operations(plan, first, etag, sending)
                 try:
-                    results = await self._table.submit_transaction(ops)
-                except Exception as exc:  # TableTransactionError, or 412/409 surfaced as another type
+                    results = await self._table.transact(ops)
+                except BaseException:
+                    self._counter = None
+                    raise
+                if results is None:  # the counter moved, or the operation exists already
                     self._counter = None
                     if await self.operation(plan.operation_id) is not None:
-                        raise AlreadyAccepted(plan.operation_id) from exc
-                    if not _is_conflict(exc):
-                        raise
+                        raise AlreadyAccepted(plan.operation_id)
                     if not sending:
                         await asyncio.sleep(0.005 * (attempt + 1))
                     sending = False  # the view is out of date: accept the ordinary way
                     continue
-                self._counter = (operation.last_seq + 1, str(results[0]["etag"]))
-                for chunk, meta in zip(chunks, results[3:], strict=True):
-                    chunk.etag = meta.get("etag")
+                self._counter = (operation.last_seq + 1, str(results[0]))
+                for chunk, etag_of_chunk in zip(chunks, results[3:], strict=True):
+                    chunk.etag = etag_of_chunk
                 return operation, chunks
         raise LedgerConflict("could not advance the accept counter after 30 attempts")
 
     def _accept_operations(
         self, plan: AcceptPlan, first: int, etag: str, sending: bool
     ) -> tuple[Operation, list[Chunk], list[Any]]:
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
         now = self._clock()
         last = first + len(plan.chunks) - 1
         all_ids = [a for ids, _ in plan.chunks for a in ids]
@@ -365,11 +362,7 @@ class Ledger:
             "OperationId": plan.operation_id,
         }
         ops: list[Any] = [
-            (
-                "update",
-                counter,
-                {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified},
-            ),
+            conditional("update", counter, etag),
             ("create", operation.to_entity()),
             ("create", journal),
         ]
@@ -377,20 +370,13 @@ class Ledger:
         return operation, chunks, ops
 
     async def _read_counter(self) -> tuple[int, str]:
-        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-
         for _ in range(5):
-            try:
-                entity = await self._table.get_entity(PARTITION, COUNTER)
+            entity = await self._table.get(PARTITION, COUNTER)
+            if entity is not None:
                 return int(entity["Next"]), str(entity.metadata["etag"])
-            except ResourceNotFoundError:
-                try:
-                    meta = await self._table.create_entity(
-                        {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": 1}
-                    )
-                    return 1, str(meta["etag"])
-                except ResourceExistsError:
-                    continue
+            created = await self._table.insert({"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": 1})
+            if created is not None:
+                return 1, created
         raise LedgerConflict("could not read or create the accept counter")
 
     async def record_invalid(
@@ -402,26 +388,19 @@ class Ledger:
         status: int,
     ) -> Operation:
         """A request found invalid off the HTTP path (the inbound queue): a Failed operation, no chunks."""
-        from azure.core.exceptions import ResourceExistsError
-
         operation = Operation(operation_id, self._clock(), source, caller, 0, 0, -1, errors, status)
-        try:
-            await self._table.create_entity(operation.to_entity())
-        except ResourceExistsError:
+        if await self._table.insert(operation.to_entity()) is None:
             existing = await self.operation(operation_id)
-            assert existing is not None
+            if existing is None:  # inserted by someone else, then purged: a storage oddity, try later
+                raise StorageUnavailable(f"operation {operation_id} appeared and vanished")
             return existing
         return operation
 
     # --- reading -------------------------------------------------------------------------------------
 
     async def operation(self, operation_id: str) -> Operation | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return Operation.from_entity(await self._table.get_entity(PARTITION, f"o-{operation_id}"))
-        except ResourceNotFoundError:
-            return None
+        entity = await self._table.get(PARTITION, f"o-{operation_id}")
+        return None if entity is None else Operation.from_entity(entity)
 
     async def chunks_of(self, operation: Operation) -> list[Chunk]:
         """Pending and finished chunks of an operation, in order (finished ones win if both exist)."""
@@ -438,28 +417,18 @@ class Ledger:
 
     async def _range(self, lo: str, hi: str, select: list[str] | None = None) -> list[Chunk]:
         query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        entities = self._table.query_entities(
-            query, parameters={"pk": PARTITION, "lo": lo, "hi": hi}, select=select
-        )
-        return [Chunk.from_entity(e) async for e in entities]
+        entities = await self._table.query(query, {"pk": PARTITION, "lo": lo, "hi": hi}, select=select)
+        return [Chunk.from_entity(e) for e in entities]
 
     async def pending_chunk(self, chunk_id: str) -> Chunk | None:
         """The chunk if it is still pending (not finished, not split)."""
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            chunk = Chunk.from_entity(await self._table.get_entity(PARTITION, f"p-{chunk_id}"))
-        except ResourceNotFoundError:
-            return None
-        return None if chunk.finished else chunk
+        entity = await self._table.get(PARTITION, f"p-{chunk_id}")
+        chunk = None if entity is None else Chunk.from_entity(entity)
+        return None if chunk is None or chunk.finished else chunk
 
     async def finished_chunk(self, chunk_id: str) -> Chunk | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return Chunk.from_entity(await self._table.get_entity(PARTITION, f"r-{chunk_id}"))
-        except ResourceNotFoundError:
-            return None
+        entity = await self._table.get(PARTITION, f"r-{chunk_id}")
+        return None if entity is None else Chunk.from_entity(entity)
 
     async def all_pending(self) -> list[Chunk]:
         return await self._range("p-", "p.")
@@ -467,12 +436,12 @@ class Ledger:
     async def blocked_by_earlier(self, chunk: Chunk) -> Chunk | None:
         """The first pending chunk accepted before this one that touches one of its alerts, if any."""
         mine = set(chunk.alert_ids)
-        entities = self._table.query_entities(
+        entities = await self._table.query(
             _UNFINISHED_RANGE,
-            parameters=_unfinished("p-", chunk.pending_key),
+            _unfinished("p-", chunk.pending_key),
             select=["RowKey", "OperationId", "AlertIds"],
         )
-        async for entity in entities:
+        for entity in entities:
             if mine.intersection(json.loads(entity["AlertIds"])):
                 return Chunk(entity["RowKey"][2:], entity["OperationId"], (), {}, 0.0)
         return None
@@ -481,12 +450,10 @@ class Ledger:
         """Was a different update for any of these alerts accepted after `seq`? (derived keys: A, B, A)"""
         mine = _split_fingerprints(fingerprints(alert_ids))
         query = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
-        entities = self._table.query_entities(
-            query,
-            parameters={"pk": PARTITION, "lo": f"j-{seq_key(seq)}", "hi": "j."},
-            select=["Digest", "Fingerprints"],
+        entities = await self._table.query(
+            query, {"pk": PARTITION, "lo": f"j-{seq_key(seq)}", "hi": "j."}, select=["Digest", "Fingerprints"]
         )
-        async for entity in entities:
+        for entity in entities:
             if entity["Digest"] != digest and mine & _split_fingerprints(bytes(entity["Fingerprints"])):
                 return True
         return False
@@ -495,32 +462,24 @@ class Ledger:
 
     async def update_pending(self, chunk: Chunk, **changes: Any) -> Chunk | None:
         """Change a pending chunk if nobody else did since it was read; None if someone did (or it ended)."""
-        from azure.core import MatchConditions
-        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
-        from azure.data.tables import UpdateMode
-
-        updated = Chunk(**{**chunk.__dict__, **changes, "updated_at": self._clock()})
-        try:
-            meta = await self._table.update_entity(
-                updated.pending_entity(),
-                mode=UpdateMode.REPLACE,
-                etag=chunk.etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except ResourceNotFoundError:
+        updated = dataclasses.replace(chunk, **changes, updated_at=self._clock())
+        etag = await self._table.replace(updated.pending_entity(), chunk.etag)
+        if etag is None:
             return None
-        except HttpResponseError as exc:
-            if exc.status_code == 412:
-                return None
-            raise
-        updated.etag = meta["etag"]
+        updated.etag = etag
         return updated
 
     def ended(self, chunk: Chunk, result: str, answer_status: int, error: dict[str, Any] | None) -> Chunk:
         """The chunk as `finish` records it."""
         now = self._clock()
-        changes = {"state": result, "answer_status": answer_status, "last_error": error}
-        return Chunk(**{**chunk.__dict__, **changes, "finished_at": now, "updated_at": now})
+        return dataclasses.replace(
+            chunk,
+            state=result,
+            answer_status=answer_status,
+            last_error=error,
+            finished_at=now,
+            updated_at=now,
+        )
 
     async def finish(
         self,
@@ -531,44 +490,69 @@ class Ledger:
         *,
         in_place: bool = False,
         answer_for: Callable[[Chunk], str] | None = None,
+        persist_for: float = 0.0,
     ) -> Chunk:
         """Record a chunk's end: moved from pending to finished in one transaction, or `in_place` in its
         p- entry for `settle` to move later (idempotent: a second finish returns the first). `answer_for`
-        builds, from the ended chunk, an answer to keep with it."""
-        from azure.data.tables import UpdateMode
+        builds, from the ended chunk, an answer to keep with it.
 
+        A known outcome supersedes an OutcomeUnknown that the sweep wrote meanwhile (docs/contracts.md §3).
+        With `persist_for`, storage faults are ridden out for that long (an outcome MDE told us is never
+        given up for one the sweep would have to guess); then StorageUnavailable.
+        """
         done = self.ended(chunk, result, answer_status, error)
         if answer_for is not None:
             done.answer = answer_for(done)
-        try:
+        give_up = time.monotonic() + persist_for
+        while True:
+            try:
+                return await self._record_end(done, in_place)
+            except StorageUnavailable:
+                if time.monotonic() >= give_up:
+                    raise
+                log.warning("chunk %s: recording its end failed; trying again", chunk.chunk_id)
+                await asyncio.sleep(0.5)
+
+    async def _record_end(self, done: Chunk, in_place: bool) -> Chunk:
+        """Write the end, conditioned on the pending entry as this process last saw it (`done.etag`), so
+        an end is recorded once; if that entry changed, judge what is there instead."""
+        for _ in range(5):
             if in_place:
-                meta = await self._table.update_entity(
-                    done.finished_pending_entity(), mode=UpdateMode.REPLACE
-                )
-                done.etag = meta["etag"]
-            else:
-                await self._table.submit_transaction(_settling(done))
-        except Exception:
-            existing = await self.finished_chunk(chunk.chunk_id)
-            if existing is not None:
-                return existing
-            raise
-        return done
+                etag = await self._table.replace(done.finished_pending_entity(), done.etag)
+                if etag is not None:
+                    return dataclasses.replace(done, etag=etag)
+            elif await self._table.transact(_settling(done, done.etag)) is not None:
+                return done
+            existing, where = await self.finished_chunk(done.chunk_id), "r"
+            if existing is None:
+                entity = await self._table.get(PARTITION, done.pending_key)
+                if entity is None:
+                    raise StorageUnavailable(f"chunk {done.chunk_id} is neither pending nor finished")
+                existing, where = Chunk.from_entity(entity), "p"
+                if not existing.finished:  # changed but not ended (a stale mark undone): ours is the end
+                    done = dataclasses.replace(done, etag=existing.etag)
+                    continue
+            if existing.state == ChunkResult.OUTCOME_UNKNOWN and done.state != ChunkResult.OUTCOME_UNKNOWN:
+                return await self._supersede(existing, done, where)
+            return existing
+        raise LedgerConflict(f"chunk {done.chunk_id} kept changing while its end was recorded")
+
+    async def _supersede(self, unknown: Chunk, done: Chunk, where: str) -> Chunk:
+        """A known outcome replaces the OutcomeUnknown the sweep recorded while it was on its way."""
+        log.warning("chunk %s: known outcome %s supersedes OutcomeUnknown", done.chunk_id, done.state)
+        entity = done.result_entity() if where == "r" else done.finished_pending_entity()
+        etag = await self._table.replace(entity, unknown.etag)
+        if etag is None:
+            raise LedgerConflict(f"chunk {done.chunk_id} changed while its known outcome superseded it")
+        return dataclasses.replace(done, etag=etag)
 
     async def settle(self, done: Chunk) -> bool:
         """Move a chunk finished in place from p- to r- (one transaction); False if someone else did."""
-        try:
-            await self._table.submit_transaction(_settling(done))
-        except Exception:
-            if await self.finished_chunk(done.chunk_id) is not None:
-                return False
-            raise
-        return True
+        return await self._table.transact(_settling(done, done.etag)) is not None
 
-    async def split(self, chunk: Chunk, size: int) -> list[Chunk]:
-        """Replace a pending chunk by pieces of at most `size` ids that keep its place in the order."""
-        from azure.core import MatchConditions
-
+    async def split(self, chunk: Chunk, size: int) -> list[Chunk] | None:
+        """Replace a pending chunk by pieces of at most `size` ids that keep its place in the order; None if
+        someone else changed the chunk first."""
         size = max(size, -(-len(chunk.alert_ids) // (MAX_TRANSACTION - 1)))  # one delete + the pieces
         pieces = [chunk.alert_ids[i : i + size] for i in range(0, len(chunk.alert_ids), size)]
         now = self._clock()
@@ -585,25 +569,19 @@ class Ledger:
             )
             for n, ids in enumerate(pieces)
         ]
-        ops: list[Any] = [
-            (
-                "delete",
-                {"PartitionKey": PARTITION, "RowKey": chunk.pending_key},
-                {"etag": chunk.etag, "match_condition": MatchConditions.IfNotModified},
-            ),
-        ]
-        ops += [("create", c.pending_entity()) for c in new]
-        results = await self._table.submit_transaction(ops)
-        for piece, meta in zip(new, results[1:], strict=True):
-            piece.etag = meta.get("etag")
+        delete = conditional("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key}, chunk.etag)
+        ops: list[Any] = [delete, *(("create", c.pending_entity()) for c in new)]
+        results = await self._table.transact(ops)
+        if results is None:
+            return None
+        for piece, etag in zip(new, results[1:], strict=True):
+            piece.etag = etag
         return new
 
     # --- purging -------------------------------------------------------------------------------------------
 
     async def purge(self, operations_before: float, journal_before: float) -> int:
         """Delete operations and results older than the key TTL, and journal entries past the derived TTL."""
-        from azure.core.exceptions import ResourceNotFoundError
-
         removed = 0
         plans = (
             ("o-", "o.", "CreatedAt", operations_before),
@@ -613,12 +591,9 @@ class Ledger:
         for lo, hi, stamp, before in plans:
             query = f"PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and {stamp} lt @before"
             params = {"pk": PARTITION, "lo": lo, "hi": hi, "before": before}
-            async for entity in self._table.query_entities(query, parameters=params, select=["RowKey"]):
-                try:
-                    await self._table.delete_entity(PARTITION, entity["RowKey"])
-                    removed += 1
-                except ResourceNotFoundError:
-                    pass
+            for entity in await self._table.query(query, params, select=["RowKey"]):
+                await self._table.delete(PARTITION, entity["RowKey"])
+                removed += 1
         return removed
 
 
@@ -639,17 +614,11 @@ def _unfinished(lo: str, hi: str) -> dict[str, str]:
     }
 
 
-def _settling(done: Chunk) -> list[Any]:
-    """The transaction that moves a finished chunk from p- to r-."""
-    return [
-        ("delete", {"PartitionKey": PARTITION, "RowKey": done.pending_key}),
-        ("upsert", done.result_entity()),
-    ]
-
-
-def _is_conflict(exc: Exception) -> bool:
-    status = getattr(exc, "status_code", None)
-    return status in (409, 412) or "UpdateConditionNotSatisfied" in str(exc) or "ConditionNotMet" in str(exc)
+def _settling(done: Chunk, etag: str | None = None) -> list[Any]:
+    """The transaction that moves a finished chunk from p- to r-: the p- entry must still be there (as
+    read, with `etag`), so a chunk's end is moved, or superseded, only once."""
+    pending = {"PartitionKey": PARTITION, "RowKey": done.pending_key}
+    return [conditional("delete", pending, etag or "*"), ("upsert", done.result_entity())]
 
 
 def new_operation_id() -> str:

@@ -32,6 +32,9 @@ def queue_client(storage: StorageSettings, credential: AsyncTokenCredential | No
         "message_encode_policy": TextBase64EncodePolicy(),
         "message_decode_policy": TextBase64DecodePolicy(),
     }
+    from shared.storage import client_options
+
+    policies.update(client_options())
     if storage.connection_string:
         return QueueClient.from_connection_string(storage.connection_string, name, **policies)
     assert storage.queue_service_uri is not None and credential is not None  # settings guarantee both
@@ -60,10 +63,10 @@ class Queues:
 
     async def send_chunk(self, chunk_id: str, token: str, delay: float) -> None:
         body = json.dumps({"chunk": chunk_id, "token": token})
-        await self.chunks.send_message(body, visibility_timeout=_delay(delay))
+        await _send(self.chunks, body, delay)
 
     async def resend_request(self, content: str, delay: float) -> None:
-        await self.requests.send_message(content, visibility_timeout=_delay(delay))
+        await _send(self.requests, content, delay)
 
     async def depths(self) -> dict[str, int]:
         async def depth(client: QueueClient) -> int:
@@ -75,6 +78,18 @@ class Queues:
 
     async def close(self) -> None:
         await asyncio.gather(*(q.close() for q in self.all()))
+
+
+async def _send(client: QueueClient, content: str, delay: float) -> None:
+    """Send with the storage seam's retries. A retry after a lost answer may leave a duplicate message;
+    that is safe: two workers holding the same chunk race for its conditional Sending mark and one of
+    them finds it taken, and an inbound request is deduplicated by its idempotency key."""
+    from shared.storage import with_retries
+
+    async def send() -> None:
+        await client.send_message(content, visibility_timeout=_delay(delay))
+
+    await with_retries(f"send to queue {client.queue_name}", send)
 
 
 def _delay(seconds: float) -> int | None:

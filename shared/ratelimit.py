@@ -43,20 +43,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
-from azure.data.tables import EdmType, EntityProperty, UpdateMode
+from azure.data.tables import EdmType, EntityProperty
 
-from shared.errors import AlertgateError
+from shared.errors import StateContention
 from shared.settings import RateWindow
 
 if TYPE_CHECKING:
-    from azure.data.tables.aio import TableClient
+    from shared.storage import StateStore
 
 # A Table string property holds at most 64 KiB of UTF-16, i.e. 32,768 characters. An epoch in
 # milliseconds has 13 digits until the year 2286, so a log entry is 14 characters with its comma, and
@@ -68,7 +61,7 @@ LOG_PROPERTY = "Log"
 BLOCKED_UNTIL_PROPERTY = "BlockedUntil"
 
 
-class LimiterContentionError(AlertgateError):
+class LimiterContentionError(StateContention):
     """Other instances kept winning the conditional write: the bounded 412 retries ran out.
 
     Raised instead of waiting without end, so the caller can defer the work (it is not a denial: nobody
@@ -271,11 +264,6 @@ def _int_property(value: Any) -> int:
     return int(value or 0)
 
 
-def _is_conflict(exc: HttpResponseError) -> bool:
-    """412 (someone wrote since our ETag) or 404 (the entity was deleted since): our view is stale."""
-    return isinstance(exc, ResourceModifiedError | ResourceNotFoundError) or exc.status_code == 412
-
-
 def conflict_jitter(attempt: int) -> float:
     """Random back-off after the `attempt`-th 412 in a row, so colliding instances stop colliding."""
     return random.uniform(0.0, min(0.2, 0.01 * 2**attempt))
@@ -312,7 +300,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        table: TableClient,
+        table: StateStore,
         windows: Sequence[RateWindow],
         margin_seconds: float,
         *,
@@ -544,12 +532,9 @@ class RateLimiter:
     async def _load(self) -> _Cached:
         """Read the entity; create it empty if missing. Bounded: a create race ends in a read."""
         for _ in range(3):
-            try:
-                self.table_operations += 1
-                entity = await self._table.get_entity(self._partition_key, self._row_key)
-            except ResourceNotFoundError:
-                pass
-            else:
+            self.table_operations += 1
+            entity = await self._table.get(self._partition_key, self._row_key)
+            if entity is not None:
                 blocked_until_ms = _int_property(entity.get(BLOCKED_UNTIL_PROPERTY))
                 self._known_block_ms = max(self._known_block_ms, blocked_until_ms)
                 return _Cached(
@@ -557,38 +542,29 @@ class RateLimiter:
                     blocked_until_ms=blocked_until_ms,
                     etag=str(entity.metadata["etag"]),
                 )
-            try:
-                # A missing table also lands here and raises ResourceNotFoundError: the caller's job.
-                self.table_operations += 1
-                meta = await self._table.create_entity(self._entity([], 0))
-            except ResourceExistsError:
-                continue  # another instance created it first: read theirs
-            return _Cached(log_ms=[], blocked_until_ms=0, etag=str(meta["etag"]))
+            self.table_operations += 1
+            etag = await self._table.insert(self._entity([], 0))
+            if etag is not None:
+                return _Cached(log_ms=[], blocked_until_ms=0, etag=etag)
+            # another instance created it first: read theirs
         raise LimiterContentionError(
             f"the shared rate-limit entity {self._partition_key}/{self._row_key} kept appearing and "
             "disappearing"
         )
 
     async def _write(self, log_ms: list[int], blocked_until_ms: int, etag: str) -> bool:
-        """REPLACE the entity if it still has `etag`; True and cache the result, False on 412/404.
+        """REPLACE the entity if it still has `etag`; True and cache the result, False if it moved.
 
-        Any other failure leaves the outcome unknown (the write may have landed), so the cache is
-        dropped and the error propagates; a grant that was written but not returned only wastes budget.
+        A write whose answer was lost is settled by the storage seam (read back); what it cannot settle
+        raises StorageUnavailable with the cache dropped. A grant written but not returned only wastes
+        budget.
         """
         self._cached = None
-        try:
-            self.table_operations += 1
-            meta = await self._table.update_entity(
-                self._entity(log_ms, blocked_until_ms),
-                mode=UpdateMode.REPLACE,
-                etag=etag,
-                match_condition=MatchConditions.IfNotModified,
-            )
-        except HttpResponseError as exc:
-            if _is_conflict(exc):
-                return False
-            raise
-        self._cached = _Cached(log_ms=log_ms, blocked_until_ms=blocked_until_ms, etag=str(meta["etag"]))
+        self.table_operations += 1
+        new_etag = await self._table.replace(self._entity(log_ms, blocked_until_ms), etag)
+        if new_etag is None:
+            return False
+        self._cached = _Cached(log_ms=log_ms, blocked_until_ms=blocked_until_ms, etag=new_etag)
         self._known_block_ms = max(self._known_block_ms, blocked_until_ms)
         return True
 

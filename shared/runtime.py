@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from shared.ratelimit import RateLimiter
     from shared.sender import Sender
     from shared.sentinel import SentinelMapping
-    from shared.tables import Tables
+    from shared.storage import Tables
     from shared.tokens import TokenProvider
 
 
@@ -76,8 +76,7 @@ async def build_runtime(settings: Settings) -> Runtime:
     from shared.queues import Queues, queue_client
     from shared.ratelimit import RateLimiter
     from shared.sender import Sender
-    from shared.storage import storage_credential, table_service
-    from shared.tables import Tables
+    from shared.storage import Tables, storage_credential, table_service
     from shared.tokens import TokenProvider
 
     session = aiohttp.ClientSession(trace_configs=[trace_config()])

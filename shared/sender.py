@@ -329,6 +329,8 @@ class Sender:
 
     async def _split(self, chunk: Chunk, size: int) -> Attempt:
         pieces = await self.ledger.split(chunk, size)
+        if pieces is None:  # someone else changed the chunk first: they own it now
+            return Attempt(AttemptKind.LOST, chunk)
         log.info("chunk %s split into %d pieces of at most %d ids", chunk.chunk_id, len(pieces), size)
         return Attempt(AttemptKind.SPLIT, chunk, pieces=pieces)
 
@@ -489,6 +491,12 @@ class Sender:
         """A chunk message failed repeatedly: record the chunk Failed rather than let it vanish."""
         chunk = await self.ledger.pending_chunk(chunk_id)
         if chunk is None:
+            return False
+        age = self._clock() - chunk.sending_since
+        if chunk.state == PendingState.SENDING and age < self.sending_lease:
+            # A call is in flight: its sender records the outcome. Look again once it must have ended
+            # (then the ordinary worker path resolves a mark left behind).
+            await self.queues.send_chunk(chunk.chunk_id, chunk.msg_token, self.sending_lease - age)
             return False
         error = {
             "httpStatus": None,

@@ -330,11 +330,11 @@ def test_azd_parameter_defaults_repeat_the_bicep_defaults() -> None:
 
 
 async def test_storage_holds_exactly_the_tables_and_queues_the_app_uses() -> None:
-    """With the default settings: the queue triggers' queues and shared/tables.py's tables."""
+    """With the default settings: the queue triggers' queues and shared/storage.py's tables."""
     from azure.core.credentials import AzureNamedKeyCredential
     from azure.data.tables.aio import TableServiceClient
 
-    from shared.tables import Tables
+    from shared.storage import Tables
 
     params = bicep_param_defaults(MAIN_BICEP)
     listed = {
@@ -352,4 +352,4 @@ async def test_storage_holds_exactly_the_tables_and_queues_the_app_uses() -> Non
     )
     async with service:  # never connects: only the names are wanted
         tables = Tables.from_service(service, load_settings({"AzureWebJobsStorage": "x"}).table_prefix)
-        assert sorted(listed["tableNames"]) == sorted(t.table_name for t in tables.all())
+        assert sorted(listed["tableNames"]) == sorted(t.name for t in tables.all())

@@ -10,7 +10,7 @@ from azure.data.tables.aio import TableServiceClient
 
 from devhost.services import Service
 from emulators.control import EmulatorControl
-from shared.tables import Tables
+from shared.storage import Tables
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from devhost.services import Service
 from emulators.control import EmulatorControl
 from shared.idempotency import IdempotencyKey, KeyKind
 from shared.ledger import AcceptPlan, ChunkResult, Ledger, PendingState
-from shared.tables import Tables
+from shared.storage import Tables
 from tests.conftest import HostPool
 from tests.integration.helpers import eventually, new_ids, post, wait_for_operation
 
@@ -30,7 +30,10 @@ def plan(*alerts: str, fields: dict[str, str] | None = None) -> AcceptPlan:
 
 
 async def row_keys(tables: Tables) -> list[str]:
-    return [e["RowKey"] async for e in tables.operations.list_entities(select=["RowKey"])]
+    return [
+        e["RowKey"]
+        for e in await tables.operations.query("PartitionKey eq @pk", {"pk": "ledger"}, ["RowKey"])
+    ]
 
 
 async def test_look_ahead_needs_a_cached_counter_and_sees_pending_alerts(tables: Tables) -> None:

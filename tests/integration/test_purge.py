@@ -6,7 +6,7 @@ import uuid
 
 from shared.idempotency import IdempotencyKey, IdempotencyStore, KeyKind
 from shared.ledger import AcceptPlan, ChunkResult, Ledger
-from shared.tables import Tables
+from shared.storage import Tables
 
 
 class Clock:

@@ -22,6 +22,7 @@ from devhost.services import Service
 from emulators.control import max_calls_in_any_window
 from shared.ratelimit import Denial, Grant, LimiterContentionError, RateLimiter, parse_log
 from shared.settings import RateWindow
+from shared.storage import StateTable
 
 MakeLimiter = Callable[..., RateLimiter]
 
@@ -60,7 +61,7 @@ async def instance(azurite: Service, table_name: str) -> AsyncIterator[MakeLimit
         def make(windows: Sequence[RateWindow], margin: float, **kwargs: Any) -> RateLimiter:
             client = TableClient.from_connection_string(azurite.urls["connection_string"], table_name)
             stack.push_async_exit(client)
-            return RateLimiter(client, windows, margin, **kwargs)
+            return RateLimiter(StateTable(client), windows, margin, **kwargs)
 
         yield make
 
@@ -218,6 +219,7 @@ class Meddler:
 
     def __init__(self, inner: TableClient, other: TableClient) -> None:
         self.inner, self.other = inner, other
+        self.table_name = inner.table_name
 
     async def get_entity(self, *args: Any, **kwargs: Any) -> Any:
         return await self.inner.get_entity(*args, **kwargs)
@@ -234,7 +236,9 @@ async def test_exhausted_conflict_retries_raise(
     azurite: Service, table_name: str, table: TableClient
 ) -> None:
     async with TableClient.from_connection_string(azurite.urls["connection_string"], table_name) as inner:
-        limiter = RateLimiter(cast(TableClient, Meddler(inner, table)), [RateWindow(10, 60.0)], 1.0)
+        limiter = RateLimiter(
+            StateTable(cast(TableClient, Meddler(inner, table))), [RateWindow(10, 60.0)], 1.0
+        )
         limiter.MAX_CONFLICT_ATTEMPTS = 4
         began = time.monotonic()
         with pytest.raises(LimiterContentionError):
