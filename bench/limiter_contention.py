@@ -26,7 +26,8 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 
 from devhost.services import start_azurite
 from emulators.control import max_calls_in_any_window
-from shared.ratelimit import Grant, LimiterContentionError, RateLimiter
+from shared.errors import LimiterContentionError
+from shared.ratelimit import Grant, RateLimiter
 from shared.settings import RateWindow, parse_rate_limits
 from shared.storage import StateTable
 

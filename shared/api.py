@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from shared.errors import FieldError, RequestRejected, StateContention, StorageUnavailable
 from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
+from shared.outcomes import Accepted, IncidentOutcome, InProgress, KeyReused, NothingToDo, Refused, Replayed
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,41 @@ def _storage_unreachable(exc: Exception) -> bool:
     return isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500
 
 
+def render(outcome: IncidentOutcome) -> ApiResponse:
+    """An intake outcome as HTTP (docs/contracts.md §1)."""
+    if isinstance(outcome, Accepted | Replayed):
+        return outcome.answer
+    if isinstance(outcome, InProgress):
+        return problem(
+            409,
+            "request-in-progress",
+            "Request in progress",
+            "A request with this idempotency key is still being processed; retry after the Retry-After delay.",
+            headers={"Retry-After": str(outcome.retry_after)},
+            extra={"operationId": outcome.operation_id},
+        )
+    if isinstance(outcome, KeyReused):
+        return problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used with a different request body; use a new key for a new "
+            "request.",
+            errors=[FieldError("Idempotency-Key", "was used before with a different request body")],
+            extra={"keyKind": outcome.key_kind},
+        )
+    if isinstance(outcome, Refused):
+        return problem(
+            outcome.status,
+            outcome.kind,
+            outcome.title,
+            outcome.detail,
+            errors=outcome.errors,
+            extra=outcome.extra,
+        )
+    return json_response(200, outcome.document)
+
+
 def caller_of(request: ApiRequest) -> dict[str, Any]:
     """Who called: App Service authentication's principal when present, otherwise a function key."""
     name = request.header("X-MS-CLIENT-PRINCIPAL-NAME")
@@ -147,7 +183,7 @@ async def batch_update(request: ApiRequest) -> ApiResponse:
         explicit_key=key,
         respond_async=wants_async(request),
     )
-    return await rt.intake.submit(submission)
+    return render(await rt.intake.submit(submission))
 
 
 # --- GET /api/operations/{operationId} ---------------------------------------------------------------
@@ -249,8 +285,8 @@ async def sentinel_incident(request: ApiRequest) -> ApiResponse:
     settings = runtime.settings()
     document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
     base, query = operations_url(request)
-    return await submit_incident(
-        document, caller_of(request), base, query, respond_async=wants_async(request)
+    return render(
+        await submit_incident(document, caller_of(request), base, query, respond_async=wants_async(request))
     )
 
 
@@ -261,7 +297,7 @@ async def submit_incident(
     location_query: str = "",
     *,
     respond_async: bool = False,
-) -> ApiResponse:
+) -> IncidentOutcome:
     """One Sentinel incident → one batchUpdate for its MDE alerts, with a key derived from the incident."""
     from shared import runtime
     from shared.intake import Submission
@@ -288,10 +324,10 @@ async def submit_incident(
         ],
     }
     if plan.outcome == OUTCOME_NO_DEFENDER_ALERTS:
-        return json_response(200, {"status": "NoDefenderAlerts", **about})
+        return NothingToDo({"status": "NoDefenderAlerts", **about})
     if plan.outcome == OUTCOME_ALERTS_NOT_IN_PAYLOAD:
         where = incident.provider_incident_url or "the incident in the Microsoft Defender portal"
-        return problem(
+        return Refused(
             422,
             "alerts-not-in-payload",
             "The incident's alerts are not in the payload",

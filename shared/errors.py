@@ -1,4 +1,17 @@
-"""alertgate's own exceptions, kept apart so every module can raise them without import cycles."""
+"""alertgate's own exceptions, in one module so every module can raise them without import cycles.
+
+    AlertgateError
+    ├── SettingsError              invalid settings at start-up; names every bad setting
+    ├── RequestRejected            a request refused with a 4xx problem naming field and rule
+    ├── AlreadyAccepted            the ledger holds this operation already (another attempt won)
+    ├── StorageUnavailable         storage could not settle a call within bounded retries → 503
+    └── StateContention            a shared row kept changing under bounded conditional writes → 503
+        ├── LedgerConflict         ... the ledger's accept counter or a chunk's end
+        └── LimiterContentionError ... the shared call budget
+
+Every exception the HTTP edge answers on purpose is one of these (shared.api.guarded); anything else is
+a bug, answered as a problem naming an incident id, never a bare 500.
+"""
 
 from __future__ import annotations
 
@@ -61,3 +74,17 @@ class StateContention(AlertgateError):
     def __init__(self, detail: str, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(detail)
+
+
+class LedgerConflict(StateContention):
+    """Bounded ETag retries on the ledger ran out (very heavy contention on the accept counter)."""
+
+
+class AlreadyAccepted(AlertgateError):
+    """The operation exists already: another attempt accepted this request first."""
+
+
+class LimiterContentionError(StateContention):
+    """Other instances kept winning the conditional write on the call budget: the bounded 412 retries ran
+    out. Raised instead of waiting without end, so the caller can defer the work (it is not a denial:
+    nobody knows how long to wait)."""

@@ -47,7 +47,7 @@ class KeyKind(enum.Enum):
     DERIVED = "derived"
 
 
-class KeyState:
+class KeyState(enum.StrEnum):
     IN_PROGRESS = "InProgress"
     COMPLETED = "Completed"
 
@@ -84,7 +84,7 @@ class StoredResponse:
 @dataclass
 class KeyRecord:
     key: IdempotencyKey
-    state: str
+    state: KeyState
     digest: str
     operation_id: str
     claimed_at: float
@@ -120,7 +120,7 @@ class KeyRecord:
             )
         return cls(
             key=key,
-            state=e["State"],
+            state=KeyState(e["State"]),
             digest=e["Digest"],
             operation_id=e["OperationId"],
             claimed_at=float(e["ClaimedAt"]),

@@ -7,26 +7,25 @@ same whichever way a request came. The answer is built once, stored with the key
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.errors import FieldError
+from shared.errors import AlreadyAccepted, StorageUnavailable
 from shared.http import ApiResponse, json_response, problem
 from shared.idempotency import ClaimOutcome, IdempotencyKey, KeyKind, KeyRecord, StoredResponse
 from shared.ledger import (
     MAX_ENTRIES_PER_ACCEPT,
     AcceptPlan,
-    AlreadyAccepted,
     Chunk,
     Operation,
     OrderView,
     new_operation_id,
 )
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
+from shared.outcomes import Accepted, InProgress, KeyReused, Replayed, SubmitOutcome
 from shared.ratelimit import Denial, Grant
 from shared.sender import AnswerHook, AttemptKind, plan_chunks
 
@@ -40,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPLAYED = {"Idempotent-Replayed": "true"}
+ACCEPT_LEASE_SECONDS = 30.0
+"""How long a claim whose operation does not exist yet is left to its holder. Taking it over sooner is
+never unsafe (the operation id was fixed at the claim, and the ledger accepts an id at most once); it
+only spares the holder a race. It covers the storage seam's retry deadline."""
 T = TypeVar("T")
 
 
@@ -76,7 +79,7 @@ class Intake:
             return IdempotencyKey(KeyKind.EXPLICIT, sub.explicit_key)
         return IdempotencyKey(KeyKind.DERIVED, sub.derived_key or sub.update.digest())
 
-    async def submit(self, sub: Submission) -> ApiResponse:
+    async def submit(self, sub: Submission) -> SubmitOutcome:
         """Accept and try a request, or answer from its idempotency key. Never sends a request twice.
 
         A request that will be tried at once reads the per-alert order side by side with claiming its key
@@ -96,11 +99,16 @@ class Intake:
                 )
             record = claim.record
             if claim.outcome is ClaimOutcome.MISMATCH:
-                return _key_reused(key)
+                return KeyReused(key.kind.value)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 return await self._accept(record, sub, view)
             if claim.outcome is ClaimOutcome.IN_PROGRESS:
                 accepted, completed = await self._from_ledger(record, sub, ended_only=True)
+                if not accepted and self._clock() - record.claimed_at > ACCEPT_LEASE_SECONDS:
+                    taken = await self.keys.take_over(record)  # its holder failed before accepting
+                    if taken is None:
+                        continue
+                    return await self._accept(taken, sub)
                 if completed is None:
                     return self._in_progress(record)
                 record = completed
@@ -160,7 +168,9 @@ class Intake:
         stored = StoredResponse.loads(kept) if kept else _stored(self._answer(operation, chunks, sub))
         return True, await self.keys.complete(record, stored)
 
-    async def _accept(self, record: KeyRecord, sub: Submission, view: OrderView | None = None) -> ApiResponse:
+    async def _accept(
+        self, record: KeyRecord, sub: Submission, view: OrderView | None = None
+    ) -> Accepted | InProgress:
         limit = await self.sender.batch_limit.refresh()
         fields = sub.update.update.fields()
         plan = AcceptPlan(
@@ -182,6 +192,10 @@ class Intake:
                 operation, chunks = await self.ledger.accept(plan)
         except AlreadyAccepted:
             return self._in_progress(record)
+        except StorageUnavailable:
+            # Whether the accept landed is unknown, so the claim stays: a retry takes it over after
+            # ACCEPT_LEASE_SECONDS with the same operation id, which the ledger accepts at most once.
+            raise
         except BaseException:
             await self.keys.release(record)  # never accepted, nothing sent: a retry may proceed
             raise
@@ -203,10 +217,11 @@ class Intake:
         one_chunk = answer_for if len(chunks) == 1 else None
         chunks = await self._send_or_defer(chunks, sub.respond_async, held, one_chunk)
         if answered and len(chunks) == 1 and chunks[0].answer == answered[-1][1]:
-            return answered[-1][0]  # recorded with the chunk's end (not someone else's end of it)
+            # recorded with the chunk's end (not someone else's end of it)
+            return Accepted(operation.operation_id, answered[-1][0])
         answer = self._answer(operation, chunks, sub)
         await self.keys.complete(record, _stored(answer))
-        return answer
+        return Accepted(operation.operation_id, answer)
 
     async def _send_or_defer(
         self,
@@ -261,16 +276,9 @@ class Intake:
         kind, title = _FAILURE_TITLES.get(state.http_status, ("upstream-rejected", "MDE rejected the update"))
         return problem(state.http_status, kind, title, message, headers=headers, extra=extra)
 
-    def _in_progress(self, record: KeyRecord) -> ApiResponse:
+    def _in_progress(self, record: KeyRecord) -> InProgress:
         wait = max(1, min(int(self.settings.sync_max_wait_seconds) + 1, 30))
-        return problem(
-            409,
-            "request-in-progress",
-            "Request in progress",
-            "A request with this idempotency key is still being processed; retry after the Retry-After delay.",
-            headers={"Retry-After": str(wait)},
-            extra={"operationId": record.operation_id},
-        )
+        return InProgress(record.operation_id, wait)
 
 
 _FAILURE_TITLES = {
@@ -306,27 +314,8 @@ def _stored(answer: ApiResponse) -> StoredResponse:
     return StoredResponse(answer.status, dict(answer.headers), answer.body.decode("utf-8"))
 
 
-def _replay(record: KeyRecord) -> ApiResponse:
+def _replay(record: KeyRecord) -> Replayed:
     stored = record.response
     assert stored is not None  # a completed record always holds its response
-    return ApiResponse(stored.status, stored.body.encode("utf-8"), {**stored.headers, **REPLAYED})
-
-
-def _key_reused(key: IdempotencyKey) -> ApiResponse:
-    return problem(
-        422,
-        "idempotency-key-reused",
-        "Idempotency-Key reused",
-        "This Idempotency-Key was already used with a different request body; use a new key for a new request.",
-        errors=[FieldError("Idempotency-Key", "was used before with a different request body")],
-        extra={"keyKind": key.kind.value},
-    )
-
-
-def describe(answer: ApiResponse) -> str:
-    """One line for logs: status and operation id."""
-    try:
-        operation = json.loads(answer.body).get("operationId")
-    except ValueError:
-        operation = None
-    return f"{answer.status} operation={operation}"
+    answer = ApiResponse(stored.status, stored.body.encode("utf-8"), {**stored.headers, **REPLAYED})
+    return Replayed(record.operation_id, answer)

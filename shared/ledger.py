@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import AlertgateError, StateContention, StorageUnavailable
+from shared.errors import AlreadyAccepted, LedgerConflict, StorageUnavailable
 from shared.storage import conditional
 
 if TYPE_CHECKING:
@@ -69,23 +70,30 @@ MAX_ENTRIES_PER_ACCEPT = MAX_TRANSACTION - 3  # counter + operation + journal + 
 _SEQ_DIGITS = 12
 
 
-class LedgerConflict(StateContention):
-    """Bounded ETag retries ran out (very heavy contention on the accept counter)."""
+class PendingState(enum.StrEnum):
+    """A chunk in the outbox (p- entry): waiting, or with a call in flight."""
 
-
-class AlreadyAccepted(AlertgateError):
-    """The operation exists already: another attempt accepted this request first."""
-
-
-class PendingState:
     PENDING = "Pending"
     SENDING = "Sending"
 
 
-class ChunkResult:
+class ChunkResult(enum.StrEnum):
+    """How a chunk ended (r- entry, or briefly its p- entry: see the module docstring)."""
+
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     OUTCOME_UNKNOWN = "OutcomeUnknown"
+
+
+ChunkState = PendingState | ChunkResult
+
+
+def parse_chunk_state(value: str) -> ChunkState:
+    """The state as stored; an unknown value is an error that names it (never silently Pending)."""
+    try:
+        return PendingState(value)
+    except ValueError:
+        return ChunkResult(value)
 
 
 def seq_key(seq: int) -> str:
@@ -158,7 +166,7 @@ class Chunk:
     alert_ids: tuple[str, ...]
     fields: dict[str, str]
     created_at: float
-    state: str = PendingState.PENDING
+    state: ChunkState = PendingState.PENDING
     attempts: int = 0
     not_before: float = 0.0
     sending_since: float = 0.0
@@ -201,7 +209,7 @@ class Chunk:
             alert_ids=tuple(json.loads(e["AlertIds"])),
             fields=json.loads(e.get("Fields") or "{}"),
             created_at=float(e.get("CreatedAt", 0.0)),
-            state=e.get("State", PendingState.PENDING),
+            state=parse_chunk_state(e.get("State", PendingState.PENDING)),
             attempts=int(e.get("Attempts", 0)),
             not_before=float(e.get("NotBefore", 0.0)),
             sending_since=float(e.get("SendingSince", 0.0)),
@@ -469,7 +477,9 @@ class Ledger:
         updated.etag = etag
         return updated
 
-    def ended(self, chunk: Chunk, result: str, answer_status: int, error: dict[str, Any] | None) -> Chunk:
+    def ended(
+        self, chunk: Chunk, result: ChunkResult, answer_status: int, error: dict[str, Any] | None
+    ) -> Chunk:
         """The chunk as `finish` records it."""
         now = self._clock()
         return dataclasses.replace(
@@ -484,7 +494,7 @@ class Ledger:
     async def finish(
         self,
         chunk: Chunk,
-        result: str,
+        result: ChunkResult,
         answer_status: int,
         error: dict[str, Any] | None,
         *,

@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from shared.errors import FieldError, RequestRejected
-from shared.http import ApiResponse
+from shared.outcomes import IncidentOutcome, InProgress, KeyReused, NothingToDo, Refused, Replayed, describe
 
 log = logging.getLogger(__name__)
 
@@ -94,35 +94,33 @@ def _sentinel_incident(document: Any) -> Any:
     return None
 
 
-async def _after_submit(message_id: str, body: bytes, caller: dict[str, Any], answer: ApiResponse) -> str:
-    """What an inbound message's answer means for the message: consumed, re-enqueued or recorded Failed."""
+async def _after_submit(
+    message_id: str, body: bytes, caller: dict[str, Any], outcome: IncidentOutcome
+) -> str:
+    """What an inbound message's outcome means for the message: consumed, re-enqueued or recorded Failed."""
     from shared import runtime
-    from shared.intake import describe
 
-    if answer.status == 409:
+    if isinstance(outcome, InProgress):
         rt = await runtime.ready()
         await rt.queues.resend_request(body.decode("utf-8"), IN_PROGRESS_REQUEUE_SECONDS)
         log.info("inbound message %s: its key is in progress elsewhere; re-enqueued", message_id)
         return "requeued"
-    if answer.status in (400, 422) and answer.headers.get("Content-Type", "").startswith(
-        "application/problem+json"
-    ):
-        document = json.loads(answer.body)
-        if "operationId" not in document:  # refused before acceptance: key reused, alerts not in the payload
-            errors = [FieldError(e["field"], e["message"]) for e in document.get("errors", [])]
-            return await _record_invalid(
-                message_id,
-                caller,
-                RequestRejected(answer.status, document["title"], document["detail"], errors),
-            )
-    replayed = answer.headers.get("Idempotent-Replayed") == "true"
-    log.info(
-        "inbound message %s: %s%s",
-        message_id,
-        describe(answer),
-        " (replay: nothing sent)" if replayed else "",
-    )
-    return "replayed" if replayed else "accepted"
+    if isinstance(outcome, KeyReused):
+        exc = RequestRejected(
+            422,
+            "idempotencyKey reused",
+            "This idempotencyKey was already used with a different request body.",
+            [FieldError("idempotencyKey", "was used before with a different request body")],
+        )
+        return await _record_invalid(message_id, caller, exc)
+    if isinstance(outcome, Refused):
+        exc = RequestRejected(outcome.status, outcome.title, outcome.detail, outcome.errors)
+        return await _record_invalid(message_id, caller, exc)
+    replayed = " (replay: nothing sent)" if isinstance(outcome, Replayed) else ""
+    log.info("inbound message %s: %s%s", message_id, describe(outcome), replayed)
+    if isinstance(outcome, NothingToDo):
+        return "nothing-to-do"
+    return "replayed" if isinstance(outcome, Replayed) else "accepted"
 
 
 def _queue_key(raw: str | None, validate: Any) -> str | None:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from azure.data.tables import EdmType, EntityProperty
 
-from shared.errors import StateContention
+from shared.errors import LimiterContentionError
 from shared.settings import RateWindow
 
 if TYPE_CHECKING:
@@ -59,14 +59,6 @@ MAX_CALLS_PER_WINDOW = 2000
 
 LOG_PROPERTY = "Log"
 BLOCKED_UNTIL_PROPERTY = "BlockedUntil"
-
-
-class LimiterContentionError(StateContention):
-    """Other instances kept winning the conditional write: the bounded 412 retries ran out.
-
-    Raised instead of waiting without end, so the caller can defer the work (it is not a denial: nobody
-    knows how long to wait).
-    """
 
 
 @dataclass(frozen=True)

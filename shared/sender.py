@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.defender import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError
-from shared.ledger import AcceptPlan, AlreadyAccepted, Chunk, ChunkResult, Operation, PendingState
+from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Denial, Grant
 from shared.validation import outbound_body
 
@@ -388,7 +388,7 @@ class Sender:
     async def _finish(
         self,
         chunk: Chunk,
-        result: str,
+        result: ChunkResult,
         status: int,
         error: dict[str, Any] | None,
         answer_for: AnswerHook | None = None,
@@ -515,6 +515,3 @@ def plan_chunks(
     (the attempt splits those by the limit before sending, keeping their place in the order)."""
     size = max(limit, math.ceil(len(alert_ids) / max_entries))
     return [(alert_ids[i : i + size], fields) for i in range(0, len(alert_ids), size)]
-
-
-__all__ = ["AcceptPlan", "AlreadyAccepted", "Attempt", "AttemptKind", "Operation", "Sender", "plan_chunks"]

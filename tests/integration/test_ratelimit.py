@@ -20,7 +20,8 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 
 from devhost.services import Service
 from emulators.control import max_calls_in_any_window
-from shared.ratelimit import Denial, Grant, LimiterContentionError, RateLimiter, parse_log
+from shared.errors import LimiterContentionError
+from shared.ratelimit import Denial, Grant, RateLimiter, parse_log
 from shared.settings import RateWindow
 from shared.storage import StateTable
 

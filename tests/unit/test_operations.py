@@ -6,14 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from shared.ledger import Chunk, ChunkResult, Operation, PendingState, fingerprints
+from shared.ledger import Chunk, ChunkResult, ChunkState, Operation, PendingState, fingerprints
 from shared.operations import is_operation_id, retry_after_seconds, status_of
 from shared.sender import backoff, plan_chunks
 
 OP = Operation("3f1c0e52-5d7a-4f8e-9a57-2f1f3c9b7e10", 1000.0, "http", {}, 3, 1, 3)
 
 
-def chunk(n: int, state: str, attempts: int = 1, answer: int = 0) -> Chunk:
+def chunk(n: int, state: ChunkState, attempts: int = 1, answer: int = 0) -> Chunk:
     return Chunk(
         f"{n:012d}",
         OP.operation_id,
@@ -45,7 +45,7 @@ def chunk(n: int, state: str, attempts: int = 1, answer: int = 0) -> Chunk:
         ([(ChunkResult.FAILED, 1, 422), (ChunkResult.FAILED, 3, 502)], ("Failed", 502, True)),
     ],
 )
-def test_status_rules(states: list[tuple[str, int, int]], expected: tuple[str, int, bool]) -> None:
+def test_status_rules(states: list[tuple[ChunkState, int, int]], expected: tuple[str, int, bool]) -> None:
     chunks = [chunk(i, s, a, h) for i, (s, a, h) in enumerate(states)]
     state = status_of(replace(OP, first_seq=0, last_seq=len(chunks) - 1), chunks)
     assert (state.status, state.http_status, state.terminal) == expected
