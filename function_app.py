@@ -91,8 +91,7 @@ async def chunk_poison(msg: func.QueueMessage) -> None:
 
 @app.timer_trigger(arg_name="timer", schedule=SETTINGS.sweep_schedule, run_on_startup=False)
 async def sweep(timer: func.TimerRequest) -> None:
-    rt = await runtime.ready()
-    counts = await rt.sender.sweep()
+    counts = await queue_handlers.run_sweep()
     if counts["staleSends"] or counts["requeued"]:
         log.warning("sweep resolved %s", counts)
     elif counts["settled"]:
@@ -104,12 +103,7 @@ async def purge(timer: func.TimerRequest) -> None:
     """Daily: expired idempotency keys, operations, results and journal entries."""
     import time
 
-    rt = await runtime.ready()
-    now = time.time()
-    keys = await rt.keys.purge(now)
-    records = await rt.ledger.purge(
-        now - SETTINGS.idempotency_ttl_seconds, now - SETTINGS.derived_key_ttl_seconds
-    )
+    keys, records = await queue_handlers.run_purge(time.time())
     log.info("purge removed %d keys and %d ledger records", keys, records)
 
 

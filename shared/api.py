@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 from shared.errors import FieldError, RequestRejected, StateContention, StorageUnavailable
 from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
 from shared.outcomes import Accepted, IncidentOutcome, InProgress, KeyReused, NothingToDo, Refused, Replayed
+from shared.tenants import HOME, TenantServices
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ async def guarded(
 def _storage_unreachable(exc: Exception) -> bool:
     """A storage call that could not connect or got no answer, or storage answering 5xx: the state store is
     away for a while (a restart, a network blip), which a caller should ride out rather than report as a bug.
-    Calls to MDE never raise (shared.defender turns their failures into results)."""
+    Calls to MDE never raise (shared.channels turns their failures into results)."""
     from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
@@ -121,6 +122,12 @@ def render(outcome: IncidentOutcome) -> ApiResponse:
             extra=outcome.extra,
         )
     return json_response(200, outcome.document)
+
+
+def tenant_of(request: ApiRequest) -> str:
+    """The tenant a request acts on, decided here at the edge before any service is touched. Only the
+    home tenant exists for now (docs/contracts.md §8 plans per-tenant routes)."""
+    return HOME
 
 
 def caller_of(request: ApiRequest) -> dict[str, Any]:
@@ -183,7 +190,7 @@ async def batch_update(request: ApiRequest) -> ApiResponse:
         explicit_key=key,
         respond_async=wants_async(request),
     )
-    return render(await rt.intake.submit(submission))
+    return render(await rt.tenant(tenant_of(request)).intake.submit(submission))
 
 
 # --- GET /api/operations/{operationId} ---------------------------------------------------------------
@@ -195,7 +202,8 @@ async def get_operation(request: ApiRequest) -> ApiResponse:
 
     operation_id = request.route_params.get("operationId", "")
     rt = await runtime.ready()
-    operation = await rt.ledger.operation(operation_id) if is_operation_id(operation_id) else None
+    ledger = rt.tenant(tenant_of(request)).ledger
+    operation = await ledger.operation(operation_id) if is_operation_id(operation_id) else None
     if operation is None:
         return problem(
             404,
@@ -204,7 +212,7 @@ async def get_operation(request: ApiRequest) -> ApiResponse:
             f"There is no operation {operation_id!r} (operations are kept for "
             f"{rt.settings.idempotency_ttl_seconds:g} seconds).",
         )
-    chunks = await rt.ledger.chunks_of(operation)
+    chunks = await ledger.chunks_of(operation)
     state = status_of(operation, chunks)
     document = resource(operation, chunks)
     if state.terminal:
@@ -236,7 +244,7 @@ async def health(request: ApiRequest) -> ApiResponse:
         "checks": checks,
         "defender": {
             "batchUpdateUrl": rt.settings.batch_update_url,
-            "maxAlertsPerCall": rt.batch_limit.current,
+            "maxAlertsPerCall": rt.home.batch_update.batch_limit.current,
         },
     }
     return json_response(200 if healthy else 503, document)
@@ -258,12 +266,12 @@ async def _storage_check(rt: Any) -> dict[str, Any]:
 
 
 async def _token_check(rt: Any) -> dict[str, Any]:
-    await rt.tokens.token()
+    await rt.home.tokens.token()
     return {"ok": True, "scope": rt.settings.defender_token_scope}
 
 
 async def _budget(rt: Any) -> dict[str, Any]:
-    snapshot = await rt.limiter.snapshot()
+    snapshot = await rt.home.batch_update.limiter.snapshot()
     windows = [
         {"calls": w.calls, "seconds": w.seconds, "used": w.used, "remaining": w.remaining}
         for w in snapshot.windows
@@ -360,4 +368,5 @@ async def submit_incident(
         respond_async=respond_async,
         extra=about,
     )
-    return await rt.intake.submit(submission)
+    tenant: TenantServices = rt.tenant(HOME)
+    return await tenant.intake.submit(submission)

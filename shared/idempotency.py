@@ -56,11 +56,16 @@ class KeyState(enum.StrEnum):
 class IdempotencyKey:
     kind: KeyKind
     value: str  # the caller's key, or the request digest
+    space: str = ""  # the tenant's key space (shared.tenants); "" is the home tenant's
 
     @property
     def partition_key(self) -> str:
+        """`k-`/`d-` + SHA-256. The key space is hashed in ahead of the value, so two tenants never share
+        a record; the home tenant's empty space keeps the hashes written before tenants existed. A NUL
+        separates them: neither a header key (visible ASCII) nor a digest (hex) can contain one."""
         prefix = "k-" if self.kind is KeyKind.EXPLICIT else "d-"
-        return prefix + hashlib.sha256(self.value.encode("utf-8")).hexdigest()
+        material = f"{self.space}\x00{self.value}" if self.space else self.value
+        return prefix + hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -153,12 +158,18 @@ class IdempotencyStore:
         derived_ttl: float,
         claim_lease: float,
         clock: Callable[[], float] = time.time,
+        key_space: str = "",
     ) -> None:
         self._table = table
+        self.key_space = key_space
         self._explicit_ttl = explicit_ttl
         self._derived_ttl = derived_ttl
         self.claim_lease = claim_lease
         self._clock = clock
+
+    def key(self, kind: KeyKind, value: str) -> IdempotencyKey:
+        """A key in this store's key space."""
+        return IdempotencyKey(kind, value, self.key_space)
 
     def _ttl(self, key: IdempotencyKey) -> float:
         return self._explicit_ttl if key.kind is KeyKind.EXPLICIT else self._derived_ttl

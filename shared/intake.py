@@ -55,7 +55,6 @@ class Submission:
     location_query: str = ""  # `?code=...` when the caller authenticated with a function key in the URL
     explicit_key: str | None = None
     respond_async: bool = False
-    derived_key: str | None = None  # Sentinel: from the incident, in place of the body digest
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,8 +75,8 @@ class Intake:
 
     def _key(self, sub: Submission) -> IdempotencyKey:
         if sub.explicit_key is not None:
-            return IdempotencyKey(KeyKind.EXPLICIT, sub.explicit_key)
-        return IdempotencyKey(KeyKind.DERIVED, sub.derived_key or sub.update.digest())
+            return self.keys.key(KeyKind.EXPLICIT, sub.explicit_key)
+        return self.keys.key(KeyKind.DERIVED, sub.update.digest())
 
     async def submit(self, sub: Submission) -> SubmitOutcome:
         """Accept and try a request, or answer from its idempotency key. Never sends a request twice.
@@ -171,7 +170,7 @@ class Intake:
     async def _accept(
         self, record: KeyRecord, sub: Submission, view: OrderView | None = None
     ) -> Accepted | InProgress:
-        limit = await self.sender.batch_limit.refresh()
+        limit = await self.sender.channel.max_alerts()
         fields = sub.update.update.fields()
         plan = AcceptPlan(
             record.operation_id,

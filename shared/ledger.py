@@ -123,6 +123,7 @@ class Operation:
     last_seq: int
     errors: list[dict[str, str]] = field(default_factory=list)
     invalid_status: int | None = None
+    partition: str = PARTITION
 
     @classmethod
     def from_entity(cls, e: TableEntity) -> Operation:
@@ -136,11 +137,12 @@ class Operation:
             last_seq=int(e.get("LastSeq", -1)),
             errors=json.loads(e.get("Errors") or "[]"),
             invalid_status=e.get("InvalidStatus"),
+            partition=e.get("PartitionKey", PARTITION),
         )
 
     def to_entity(self) -> dict[str, Any]:
         entity: dict[str, Any] = {
-            "PartitionKey": PARTITION,
+            "PartitionKey": self.partition,
             "RowKey": f"o-{self.operation_id}",
             "OperationId": self.operation_id,
             "CreatedAt": self.created_at,
@@ -179,6 +181,7 @@ class Chunk:
     finished_at: float = 0.0
     answer: str = ""  # the synchronous caller's answer, stored with the chunk's end (shared.intake)
     etag: str | None = None
+    partition: str = PARTITION
 
     @property
     def has_comment(self) -> bool:
@@ -222,11 +225,12 @@ class Chunk:
             finished_at=float(e.get("FinishedAt", 0.0)),
             answer=e.get("Answer", ""),
             etag=metadata.get("etag"),
+            partition=e.get("PartitionKey", PARTITION),
         )
 
     def _common(self) -> dict[str, Any]:
         entity: dict[str, Any] = {
-            "PartitionKey": PARTITION,
+            "PartitionKey": self.partition,
             "OperationId": self.operation_id,
             "AlertIds": json.dumps(list(self.alert_ids), separators=(",", ":")),
             "Fields": json.dumps(self.fields, ensure_ascii=False, separators=(",", ":")),
@@ -287,8 +291,9 @@ class AcceptPlan:
 
 
 class Ledger:
-    def __init__(self, table: StateStore, clock: Any = time.time) -> None:
+    def __init__(self, table: StateStore, clock: Any = time.time, *, partition: str = PARTITION) -> None:
         self._table = table
+        self.partition = partition
         self._clock = clock
         self._counter: tuple[int, str] | None = None  # (next seq, etag) as last seen
         self._lock = asyncio.Lock()
@@ -302,7 +307,9 @@ class Ledger:
         if counter is None:
             return None
         mine = set(alert_ids)
-        entities = await self._table.query(_UNFINISHED_RANGE, _unfinished("p-", "p."), select=["AlertIds"])
+        entities = await self._table.query(
+            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."), select=["AlertIds"]
+        )
         blocked = any(mine.intersection(json.loads(entity["AlertIds"])) for entity in entities)
         return OrderView(counter, blocked)
 
@@ -345,7 +352,16 @@ class Ledger:
         now = self._clock()
         last = first + len(plan.chunks) - 1
         all_ids = [a for ids, _ in plan.chunks for a in ids]
-        operation = Operation(plan.operation_id, now, plan.source, plan.caller, len(all_ids), first, last)
+        operation = Operation(
+            plan.operation_id,
+            now,
+            plan.source,
+            plan.caller,
+            len(all_ids),
+            first,
+            last,
+            partition=self.partition,
+        )
         chunks = [
             Chunk(
                 seq_key(first + i),
@@ -355,14 +371,15 @@ class Ledger:
                 now,
                 updated_at=now,
                 msg_due_at=now + plan.hold_seconds,
+                partition=self.partition,
             )
             for i, (ids, fields) in enumerate(plan.chunks)
         ]
         if sending:
             chunks[0].state, chunks[0].sending_since, chunks[0].attempts = PendingState.SENDING, now, 1
-        counter = {"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": last + 1}
+        counter = {"PartitionKey": self.partition, "RowKey": COUNTER, "Next": last + 1}
         journal = {
-            "PartitionKey": PARTITION,
+            "PartitionKey": self.partition,
             "RowKey": f"j-{seq_key(first)}",
             "Digest": plan.digest,
             "Fingerprints": fingerprints(all_ids),
@@ -379,10 +396,10 @@ class Ledger:
 
     async def _read_counter(self) -> tuple[int, str]:
         for _ in range(5):
-            entity = await self._table.get(PARTITION, COUNTER)
+            entity = await self._table.get(self.partition, COUNTER)
             if entity is not None:
                 return int(entity["Next"]), str(entity.metadata["etag"])
-            created = await self._table.insert({"PartitionKey": PARTITION, "RowKey": COUNTER, "Next": 1})
+            created = await self._table.insert({"PartitionKey": self.partition, "RowKey": COUNTER, "Next": 1})
             if created is not None:
                 return 1, created
         raise LedgerConflict("could not read or create the accept counter")
@@ -396,7 +413,9 @@ class Ledger:
         status: int,
     ) -> Operation:
         """A request found invalid off the HTTP path (the inbound queue): a Failed operation, no chunks."""
-        operation = Operation(operation_id, self._clock(), source, caller, 0, 0, -1, errors, status)
+        operation = Operation(
+            operation_id, self._clock(), source, caller, 0, 0, -1, errors, status, partition=self.partition
+        )
         if await self._table.insert(operation.to_entity()) is None:
             existing = await self.operation(operation_id)
             if existing is None:  # inserted by someone else, then purged: a storage oddity, try later
@@ -407,7 +426,7 @@ class Ledger:
     # --- reading -------------------------------------------------------------------------------------
 
     async def operation(self, operation_id: str) -> Operation | None:
-        entity = await self._table.get(PARTITION, f"o-{operation_id}")
+        entity = await self._table.get(self.partition, f"o-{operation_id}")
         return None if entity is None else Operation.from_entity(entity)
 
     async def chunks_of(self, operation: Operation) -> list[Chunk]:
@@ -425,17 +444,17 @@ class Ledger:
 
     async def _range(self, lo: str, hi: str, select: list[str] | None = None) -> list[Chunk]:
         query = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        entities = await self._table.query(query, {"pk": PARTITION, "lo": lo, "hi": hi}, select=select)
+        entities = await self._table.query(query, {"pk": self.partition, "lo": lo, "hi": hi}, select=select)
         return [Chunk.from_entity(e) for e in entities]
 
     async def pending_chunk(self, chunk_id: str) -> Chunk | None:
         """The chunk if it is still pending (not finished, not split)."""
-        entity = await self._table.get(PARTITION, f"p-{chunk_id}")
+        entity = await self._table.get(self.partition, f"p-{chunk_id}")
         chunk = None if entity is None else Chunk.from_entity(entity)
         return None if chunk is None or chunk.finished else chunk
 
     async def finished_chunk(self, chunk_id: str) -> Chunk | None:
-        entity = await self._table.get(PARTITION, f"r-{chunk_id}")
+        entity = await self._table.get(self.partition, f"r-{chunk_id}")
         return None if entity is None else Chunk.from_entity(entity)
 
     async def all_pending(self) -> list[Chunk]:
@@ -446,7 +465,7 @@ class Ledger:
         mine = set(chunk.alert_ids)
         entities = await self._table.query(
             _UNFINISHED_RANGE,
-            _unfinished("p-", chunk.pending_key),
+            _unfinished(self.partition, "p-", chunk.pending_key),
             select=["RowKey", "OperationId", "AlertIds"],
         )
         for entity in entities:
@@ -459,7 +478,9 @@ class Ledger:
         mine = _split_fingerprints(fingerprints(alert_ids))
         query = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
         entities = await self._table.query(
-            query, {"pk": PARTITION, "lo": f"j-{seq_key(seq)}", "hi": "j."}, select=["Digest", "Fingerprints"]
+            query,
+            {"pk": self.partition, "lo": f"j-{seq_key(seq)}", "hi": "j."},
+            select=["Digest", "Fingerprints"],
         )
         for entity in entities:
             if entity["Digest"] != digest and mine & _split_fingerprints(bytes(entity["Fingerprints"])):
@@ -535,7 +556,7 @@ class Ledger:
                 return done
             existing, where = await self.finished_chunk(done.chunk_id), "r"
             if existing is None:
-                entity = await self._table.get(PARTITION, done.pending_key)
+                entity = await self._table.get(self.partition, done.pending_key)
                 if entity is None:
                     raise StorageUnavailable(f"chunk {done.chunk_id} is neither pending nor finished")
                 existing, where = Chunk.from_entity(entity), "p"
@@ -576,10 +597,13 @@ class Ledger:
                 attempts=0,
                 updated_at=now,
                 not_before=0.0,
+                partition=self.partition,
             )
             for n, ids in enumerate(pieces)
         ]
-        delete = conditional("delete", {"PartitionKey": PARTITION, "RowKey": chunk.pending_key}, chunk.etag)
+        delete = conditional(
+            "delete", {"PartitionKey": self.partition, "RowKey": chunk.pending_key}, chunk.etag
+        )
         ops: list[Any] = [delete, *(("create", c.pending_entity()) for c in new)]
         results = await self._table.transact(ops)
         if results is None:
@@ -600,9 +624,9 @@ class Ledger:
         )
         for lo, hi, stamp, before in plans:
             query = f"PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and {stamp} lt @before"
-            params = {"pk": PARTITION, "lo": lo, "hi": hi, "before": before}
+            params = {"pk": self.partition, "lo": lo, "hi": hi, "before": before}
             for entity in await self._table.query(query, params, select=["RowKey"]):
-                await self._table.delete(PARTITION, entity["RowKey"])
+                await self._table.delete(self.partition, entity["RowKey"])
                 removed += 1
         return removed
 
@@ -613,10 +637,10 @@ _UNFINISHED_RANGE = (
 )
 
 
-def _unfinished(lo: str, hi: str) -> dict[str, str]:
+def _unfinished(partition: str, lo: str, hi: str) -> dict[str, str]:
     """Parameters for _UNFINISHED_RANGE: the p- entries in [lo, hi) that have not ended."""
     return {
-        "pk": PARTITION,
+        "pk": partition,
         "lo": lo,
         "hi": hi,
         "pending": PendingState.PENDING,
@@ -627,7 +651,7 @@ def _unfinished(lo: str, hi: str) -> dict[str, str]:
 def _settling(done: Chunk, etag: str | None = None) -> list[Any]:
     """The transaction that moves a finished chunk from p- to r-: the p- entry must still be there (as
     read, with `etag`), so a chunk's end is moved, or superseded, only once."""
-    pending = {"PartitionKey": PARTITION, "RowKey": done.pending_key}
+    pending = {"PartitionKey": done.partition, "RowKey": done.pending_key}
     return [conditional("delete", pending, etag or "*"), ("upsert", done.result_entity())]
 
 

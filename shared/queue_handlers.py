@@ -1,4 +1,5 @@
-"""Queue-triggered entry points: the inbound requests queue, the chunks worker, and the poison queues.
+"""Queue- and timer-triggered entry points: the inbound requests queue, the chunks worker, the poison
+queues, the sweep and the purge; each resolves its tenant and hands over to that tenant's services.
 
 The inbound queue (REQUESTS_QUEUE, docs/contracts.md §2) takes what other services put on it: a batchUpdate body,
 optionally with `idempotencyKey` (the queue's stand-in for the header), or `{"sentinelIncident": {...}}`.
@@ -15,10 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import FieldError, RequestRejected
 from shared.outcomes import IncidentOutcome, InProgress, KeyReused, NothingToDo, Refused, Replayed, describe
+from shared.tenants import HOME
+
+if TYPE_CHECKING:
+    from shared.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,8 @@ async def handle_request_message(message_id: str, body: bytes, dequeue_count: in
         explicit_key=key,
         respond_async=True,
     )
-    return await _after_submit(message_id, body, caller, await rt.intake.submit(submission))
+    outcome = await rt.tenant(HOME).intake.submit(submission)
+    return await _after_submit(message_id, body, caller, outcome)
 
 
 def _sentinel_incident(document: Any) -> Any:
@@ -141,7 +147,9 @@ async def _record_invalid(message_id: str, caller: dict[str, Any], exc: RequestR
     rt = await runtime.ready()
     operation_id = operation_id_for_message(message_id)
     errors = [e.as_dict() for e in exc.errors] or [{"field": "body", "message": exc.detail}]
-    await rt.ledger.record_invalid(operation_id, "queue", caller, errors, 400 if exc.status != 422 else 422)
+    await rt.tenant(HOME).ledger.record_invalid(
+        operation_id, "queue", caller, errors, 400 if exc.status != 422 else 422
+    )
     log.warning(
         "inbound message %s is invalid; recorded as Failed operation %s: %s",
         message_id,
@@ -161,7 +169,8 @@ async def handle_chunk_message(body: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         log.error("chunks queue: dropped a message that is not a chunk reference: %r", body[:200])
         return "malformed"
-    return await rt.sender.on_message(chunk_id, token)
+    worker: Worker = rt.tenant(HOME).worker
+    return await worker.on_message(chunk_id, token)
 
 
 async def handle_chunk_poison(body: bytes) -> str:
@@ -173,7 +182,7 @@ async def handle_chunk_poison(body: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         log.error("chunks poison queue: dropped a message that is not a chunk reference: %r", body[:200])
         return "malformed"
-    return "failed" if await rt.sender.on_poison(chunk_id) else "already-finished"
+    return "failed" if await rt.tenant(HOME).worker.on_poison(chunk_id) else "already-finished"
 
 
 async def handle_request_poison(message_id: str, body: bytes) -> str:
@@ -187,3 +196,30 @@ async def handle_request_poison(message_id: str, body: bytes) -> str:
         [FieldError("body", "failed repeatedly (poison queue)")],
     )
     return await _record_invalid(message_id, caller, exc)
+
+
+async def run_sweep() -> dict[str, int]:
+    """The sweep timer: every tenant's sweep (shared.worker), counts added up."""
+    from shared import runtime
+
+    rt = await runtime.ready()
+    totals = {"staleSends": 0, "requeued": 0, "settled": 0}
+    for tenant in rt.tenants.values():
+        for name, count in (await tenant.worker.sweep()).items():
+            totals[name] = totals.get(name, 0) + count
+    return totals
+
+
+async def run_purge(now: float) -> tuple[int, int]:
+    """The daily purge: expired keys, and old operations, results and journal entries of every tenant."""
+    from shared import runtime
+
+    rt = await runtime.ready()
+    settings = rt.settings
+    keys = records = 0
+    for tenant in rt.tenants.values():
+        keys += await tenant.keys.purge(now)
+        records += await tenant.ledger.purge(
+            now - settings.idempotency_ttl_seconds, now - settings.derived_key_ttl_seconds
+        )
+    return keys, records

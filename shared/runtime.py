@@ -1,5 +1,5 @@
-"""What one worker process keeps between invocations: settings, one aiohttp session, one credential,
-the storage clients and the pipeline built on them.
+"""What one worker process keeps between invocations: settings, one aiohttp session, the storage
+clients and queues, and each tenant's services built on them (shared.tenants).
 
 Created on first use inside the running event loop (an aiohttp session must be), reused by every
 invocation, and closed by `shutdown()` (the development host calls it; in Azure the worker simply ends).
@@ -13,42 +13,41 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.settings import Settings, load_settings
+from shared.tenants import HOME, TenantContext, UnknownTenant, build_tenant
 
 if TYPE_CHECKING:
     import aiohttp
     from azure.core.credentials_async import AsyncTokenCredential
     from azure.data.tables.aio import TableServiceClient
 
-    from shared.defender import BatchLimit, DefenderClient
-    from shared.idempotency import IdempotencyStore
-    from shared.intake import Intake
-    from shared.ledger import Ledger
     from shared.queues import Queues
-    from shared.ratelimit import RateLimiter
-    from shared.sender import Sender
     from shared.sentinel import SentinelMapping
     from shared.storage import Tables
-    from shared.tokens import TokenProvider
+    from shared.tenants import TenantServices
 
 
 @dataclass
 class Runtime:
     settings: Settings
     session: aiohttp.ClientSession
-    tokens: TokenProvider
-    defender: DefenderClient
     table_service: TableServiceClient
     tables: Tables
     queues: Queues
     storage_credential: AsyncTokenCredential | None
-    limiter: RateLimiter
-    batch_limit: BatchLimit
-    ledger: Ledger
-    keys: IdempotencyStore
-    sender: Sender
-    intake: Intake
+    tenants: dict[str, TenantServices]
 
     storage_ready: bool = False
+
+    @property
+    def home(self) -> TenantServices:
+        return self.tenants[HOME]
+
+    def tenant(self, name: str = HOME) -> TenantServices:
+        """The services of the tenant the edge decided on; UnknownTenant if this deployment has none."""
+        try:
+            return self.tenants[name]
+        except KeyError:
+            raise UnknownTenant(name) from None
 
     async def ensure_storage(self) -> None:
         """Create the tables and queues if missing, once per process (retried on the next call if it failed)."""
@@ -62,30 +61,21 @@ class Runtime:
         await self.table_service.close()
         if self.storage_credential is not None:
             await self.storage_credential.close()
-        await self.tokens.close()
+        for tenant in self.tenants.values():
+            await tenant.close()
         await self.session.close()
 
 
 async def build_runtime(settings: Settings) -> Runtime:
     import aiohttp
 
-    from shared.defender import BatchLimit, DefenderClient, trace_config
-    from shared.idempotency import IdempotencyStore
-    from shared.intake import Intake
-    from shared.ledger import Ledger
+    from shared.channels.base import Transport, trace_config
     from shared.queues import Queues, queue_client
-    from shared.ratelimit import RateLimiter
-    from shared.sender import Sender
     from shared.storage import Tables, storage_credential, table_service
     from shared.tokens import TokenProvider
 
     session = aiohttp.ClientSession(trace_configs=[trace_config()])
-    tokens = TokenProvider(
-        settings.defender_token_scope, settings.use_managed_identity, settings.azure_client_id
-    )
-    defender = DefenderClient(
-        session, tokens, settings.batch_update_url, settings.defender_http_timeout_seconds
-    )
+    transport = Transport(session, settings.defender_http_timeout_seconds)
     credential = storage_credential(settings.storage)
     service = table_service(settings.storage, credential)
     tables = Tables.from_service(service, settings.table_prefix)
@@ -94,37 +84,11 @@ async def build_runtime(settings: Settings) -> Runtime:
         queue_client(settings.storage, credential, settings.requests_queue),
         queue_client(settings.storage, credential, f"{settings.chunks_queue}-poison"),
     )
-    limiter = RateLimiter(
-        tables.budget, settings.defender_rate_limits, settings.rate_limit_safety_margin_seconds
+    tokens = TokenProvider(
+        settings.defender_token_scope, settings.use_managed_identity, settings.azure_client_id
     )
-    batch_limit = BatchLimit(settings.defender_max_alerts_per_call, tables.budget)
-    ledger = Ledger(tables.operations)
-    keys = IdempotencyStore(
-        tables.keys,
-        explicit_ttl=settings.idempotency_ttl_seconds,
-        derived_ttl=settings.derived_key_ttl_seconds,
-        claim_lease=settings.sync_max_wait_seconds
-        + 2 * settings.defender_http_timeout_seconds
-        + settings.sweep_grace_seconds,
-    )
-    sender = Sender(settings, ledger, limiter, defender, batch_limit, queues)
-    intake = Intake(settings, keys, ledger, sender)
-    return Runtime(
-        settings,
-        session,
-        tokens,
-        defender,
-        service,
-        tables,
-        queues,
-        credential,
-        limiter,
-        batch_limit,
-        ledger,
-        keys,
-        sender,
-        intake,
-    )
+    home = build_tenant(TenantContext.home(), settings, tokens, transport, tables, queues)
+    return Runtime(settings, session, service, tables, queues, credential, {HOME: home})
 
 
 _settings: Settings | None = None

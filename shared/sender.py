@@ -41,21 +41,22 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.defender import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError
+from shared.channels.base import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError, bearer
+from shared.errors import StorageUnavailable
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Denial, Grant
-from shared.validation import outbound_body
 
 if TYPE_CHECKING:
-    from shared.defender import BatchLimit, DefenderClient
+    from shared.channels import Channel
     from shared.ledger import Ledger
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
     from shared.settings import Settings
+    from shared.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ STALE_GRANT_RETRIES = 2  # in process, before the chunk goes back to the queue
 # How long before a reserved slot its chunk is marked Sending; the worker's grants (and a retry's after a
 # grant went stale) are at least this far ahead, so the mark never makes the call late.
 MARK_LEAD_SECONDS = 0.2
-TOKEN_RETRY_SECONDS = 5.0  # short waits are cheaper in process than as a message round trip
+TOKEN_RETRY_SECONDS = 5.0
+PERSIST_RETRY_SECONDS = 0.5
+T = TypeVar("T")  # short waits are cheaper in process than as a message round trip
 
 ROLE_HINT = (
     "alertgate's identity needs the Alert.ReadWrite.All application role of WindowsDefenderATP "
@@ -112,27 +115,62 @@ def with_role_hint(error: UpstreamError | None) -> UpstreamError:
     return UpstreamError(base.http_status, base.code, f"{base.message} — {ROLE_HINT}", base.target)
 
 
+@dataclass
+class _Try:
+    """One attempt's state as it goes through the steps of `Sender.attempt`."""
+
+    chunk: Chunk
+    max_wait: float
+    held: Grant | Denial | None
+    answer_for: AnswerHook | None
+    lead: float
+    order_checked: bool  # accepted marked Sending: the order was checked before accepting
+    rejected: str | None = None  # the token MDE answered 401 to
+    first: bool = True  # the first budget request (it may check the order and wait)
+    stale: int = 0  # grants given up for age so far
+
+    def usable_held(self) -> Grant | None:
+        """The grant asked for beside accepting, usable only by a chunk accepted marked Sending."""
+        if self.first and self.order_checked and isinstance(self.held, Grant):
+            return self.held
+        return None
+
+    def retry_after_stale_grant(self, pending: Chunk) -> bool:
+        """After a grant went stale: try again in process (up to STALE_GRANT_RETRIES), with a lead that
+        gives the mark its time before the next slot."""
+        if self.stale >= STALE_GRANT_RETRIES:
+            return False
+        self.chunk, self.held, self.first, self.stale = pending, None, True, self.stale + 1
+        self.lead = max(self.lead, MARK_LEAD_SECONDS)
+        return True
+
+
 class Sender:
-    """Sends one pending chunk by the rules above; shared by the HTTP path, the worker and the sweep."""
+    """Sends one pending chunk by the rules above; shared by the HTTP path, the worker and the sweep.
+
+    `attempt` is a short sequence of named steps over one `_Try`; each step either hands the try on or
+    ends it with an Attempt.
+    """
 
     def __init__(
         self,
         settings: Settings,
         ledger: Ledger,
-        limiter: RateLimiter,
-        client: DefenderClient,
-        batch_limit: BatchLimit,
+        channel: Channel,
+        tokens: TokenProvider,
         queues: Queues,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.limiter = limiter
-        self.client = client
-        self.batch_limit = batch_limit
+        self.channel = channel
+        self.tokens = tokens
         self.queues = queues
         self._clock = clock
-        self._operation_created: dict[str, float] = {}
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.channel.limiter
 
     async def attempt(
         self,
@@ -154,70 +192,121 @@ class Sender:
         to mark the chunk Sending before its slot (the queue worker, where no caller waits, uses it; a
         retry after a grant went stale does too).
         """
+        ended = await self._not_yet(chunk)
+        if ended is not None:
+            return ended
+        state = _Try(
+            chunk, max_wait, held, answer_for, lead, order_checked=chunk.state == PendingState.SENDING
+        )
+        while True:
+            token = await bearer(self.tokens, fresh=state.chunk.fresh_token, rejected=state.rejected)
+            grant = state.usable_held()
+            if isinstance(token, CallResult) or grant is None:
+                ended = await self._give_mark_back(state)
+                if ended is not None:
+                    return ended
+            if isinstance(token, CallResult):
+                return await self._retry_later(state.chunk, token, answer_for)
+            granted = grant or await self._budget(state)
+            if not isinstance(granted, Grant):
+                return granted
+            sending = await self._mark(state, granted)
+            if isinstance(sending, Attempt):
+                return sending
+            blocked = await self._await_slot(sending, granted)
+            if blocked is not None:
+                return blocked
+            if self._clock() - granted.at > self.max_grant_age:
+                gone_stale = await self._grant_went_stale(sending, granted)
+                if gone_stale.kind is AttemptKind.DEFERRED and state.retry_after_stale_grant(
+                    gone_stale.chunk
+                ):
+                    continue
+                return gone_stale
+            result = await self.channel.send(sending.alert_ids, sending.fields, token)
+            if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
+                lost = await self._fresh_token_next(state, sending, token)
+                if lost is not None:
+                    return lost
+                continue
+            return await self._record(sending, result, answer_for)
+
+    # --- the steps of an attempt ---------------------------------------------------------------------
+
+    async def _not_yet(self, chunk: Chunk) -> Attempt | None:
+        """Before anything: still in its back-off, or too big for the channel now (split first)."""
         now = self._clock()
         if chunk.not_before > now:
             return Attempt(AttemptKind.DEFERRED, chunk, chunk.not_before - now)
-        current = await self.batch_limit.refresh()
-        if len(chunk.alert_ids) > current:
-            return await self._split(chunk, current)
-        order_checked = chunk.state == PendingState.SENDING
-        rejected: str | None = None
-        first = True
-        stale = 0
-        while True:
-            token = await self.client.token(fresh=chunk.fresh_token, rejected=rejected)
-            grant: Grant | Denial | None = (
-                held if first and order_checked and isinstance(held, Grant) else None
+        limit = await self.channel.max_alerts()
+        if len(chunk.alert_ids) > limit:
+            return await self._split(chunk, limit)
+        return None
+
+    async def _give_mark_back(self, state: _Try) -> Attempt | None:
+        """No call is about to start (no token, or no grant in hand): a Sending mark goes back first."""
+        unmarked = await self._unmark(state.chunk)
+        if unmarked is None:
+            return Attempt(AttemptKind.LOST, state.chunk)
+        state.chunk = unmarked
+        return None
+
+    async def _budget(self, state: _Try) -> Grant | Attempt:
+        """A grant, or the Attempt that defers the chunk: behind an earlier update of one of its alerts, or
+        denied budget. The first round checks the order (unless done before accepting) and may wait;
+        after a fresh token the call goes now or not at all."""
+        if state.first:
+            grant = await self._ordered_grant(
+                state.chunk,
+                state.max_wait,
+                check_order=not state.order_checked,
+                held=state.held,
+                lead=state.lead,
             )
-            if isinstance(token, CallResult) or grant is None:
-                unmarked = await self._unmark(chunk)
-                if unmarked is None:
-                    return Attempt(AttemptKind.LOST, chunk)
-                chunk = unmarked
-            if isinstance(token, CallResult):
-                return await self._retry_later(chunk, token, answer_for)
-            if grant is None:
-                grant = await (
-                    self._ordered_grant(chunk, max_wait, check_order=not order_checked, held=held, lead=lead)
-                    if first
-                    else self.limiter.reserve(0.0, lead=lead)
-                )
-            first = False
-            if grant is None:
-                return Attempt(AttemptKind.DEFERRED, chunk, ORDER_WAIT_SECONDS)
-            if isinstance(grant, Denial):
-                return Attempt(AttemptKind.DEFERRED, chunk, self.requeue_delay(grant.wait_seconds))
-            sending = chunk if chunk.state == PendingState.SENDING else await self._mark_sending(chunk, grant)
-            if sending is None:  # someone else changed the chunk: they own it now, and no call was made
-                await self._release(grant)
-                return Attempt(AttemptKind.LOST, chunk)
-            slot = await self.limiter.wait_for(grant)
-            if isinstance(slot, Denial):  # a 429 block came up while waiting for the reserved slot
-                unmarked = await self._unmark(sending)
-                if unmarked is None:
-                    return Attempt(AttemptKind.LOST, sending)
-                return Attempt(AttemptKind.DEFERRED, unmarked, self.requeue_delay(slot.wait_seconds))
-            if self._clock() - grant.at > self.max_grant_age:
-                gone_stale = await self._grant_went_stale(sending, grant)
-                if gone_stale.kind is not AttemptKind.DEFERRED or stale >= STALE_GRANT_RETRIES:
-                    return gone_stale
-                chunk, held, first, stale = gone_stale.chunk, None, True, stale + 1
-                lead = max(lead, MARK_LEAD_SECONDS)  # give the mark its time before the next slot
-                continue
-            body = outbound_body(sending.alert_ids, sending.fields, self.settings.defender_enum_overrides)
-            result = await self.client.post(body, token)
-            if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
-                log.warning(
-                    "chunk %s: MDE answered 401; retrying once with a freshly fetched token", chunk.chunk_id
-                )
-                retry = await self.ledger.update_pending(
-                    sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
-                )
-                if retry is None:
-                    return Attempt(AttemptKind.LOST, chunk)
-                chunk, max_wait, rejected = retry, 0.0, token
-                continue
-            return await self._record(sending, result, answer_for)
+        else:
+            grant = await self.limiter.reserve(0.0, lead=state.lead)
+        state.first = False
+        if grant is None:
+            return Attempt(AttemptKind.DEFERRED, state.chunk, ORDER_WAIT_SECONDS)
+        if isinstance(grant, Denial):
+            return Attempt(AttemptKind.DEFERRED, state.chunk, self.requeue_delay(grant.wait_seconds))
+        return grant
+
+    async def _mark(self, state: _Try, grant: Grant) -> Chunk | Attempt:
+        """The chunk marked Sending before its slot (already marked if accepted so); LOST if someone else
+        changed it meanwhile, and then the grant goes back: no call was made."""
+        state.first = False
+        if state.chunk.state == PendingState.SENDING:
+            return state.chunk
+        sending = await self._mark_sending(state.chunk, grant)
+        if sending is None:
+            await self._release(grant)
+            return Attempt(AttemptKind.LOST, state.chunk)
+        return sending
+
+    async def _await_slot(self, sending: Chunk, grant: Grant) -> Attempt | None:
+        """Wait for the grant's slot; None when it came. A 429 block that came up meanwhile defers the
+        chunk (its mark given back: no call was made)."""
+        slot = await self.limiter.wait_for(grant)
+        if isinstance(slot, Denial):
+            unmarked = await self._unmark(sending)
+            if unmarked is None:
+                return Attempt(AttemptKind.LOST, sending)
+            return Attempt(AttemptKind.DEFERRED, unmarked, self.requeue_delay(slot.wait_seconds))
+        return None
+
+    async def _fresh_token_next(self, state: _Try, sending: Chunk, token: str) -> Attempt | None:
+        """MDE answered 401: once more, now, with a token fetched fresh (the 401 spent no MDE work)."""
+        log.warning(
+            "chunk %s: MDE answered 401; retrying once with a freshly fetched token", sending.chunk_id
+        )
+        retry = await self.ledger.update_pending(
+            sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
+        )
+        if retry is None:
+            return Attempt(AttemptKind.LOST, sending)
+        state.chunk, state.max_wait, state.rejected = retry, 0.0, token
+        return None
 
     @property
     def worker_wait(self) -> float:
@@ -237,7 +326,7 @@ class Sender:
         the safety margin, and a token fetch could take longer. None when there is no token or the limiter
         failed: the ordinary path then asks again.
         """
-        if isinstance(await self.client.token(), CallResult):
+        if isinstance(await bearer(self.tokens), CallResult):
             return None
         try:
             return await self.limiter.acquire(0.0)
@@ -341,8 +430,8 @@ class Sender:
         error = result.error.as_dict() if result.error else None
         if kind is CallKind.OK:
             return await self._finish(chunk, ChunkResult.SUCCEEDED, 200, None, answer_for)
-        if kind is CallKind.BATCH_TOO_LARGE and len(chunk.alert_ids) > 1:
-            size = await self.batch_limit.learn(result.allowed_batch_size, len(chunk.alert_ids))
+        size = await self.channel.learn_limit(result, len(chunk.alert_ids))
+        if size is not None:
             return await self._split(chunk, size)
         if kind in (CallKind.PERMANENT, CallKind.BATCH_TOO_LARGE):
             return await self._finish(chunk, ChunkResult.FAILED, 422, error, answer_for)
@@ -363,7 +452,7 @@ class Sender:
         self, chunk: Chunk, result: CallResult, answer_for: AnswerHook | None = None
     ) -> Attempt:
         error = result.error.as_dict() if result.error else None
-        final_status = 504 if result.timed_out or result.kind is CallKind.OUTCOME_UNKNOWN else 502
+        final_status = 504 if result.timed_out else 502  # docs/contracts.md §1: 504 only for a timeout
         if chunk.attempts >= self.settings.max_attempts or await self._too_old(chunk):
             return await self._finish(chunk, ChunkResult.FAILED, final_status, error, answer_for)
         delay = backoff(chunk.attempts, result.retry_after)
@@ -371,16 +460,32 @@ class Sender:
             delay = max(
                 delay, TOKEN_RETRY_SECONDS
             )  # not an attempt at MDE: don't hammer the identity endpoint
-        pending = await self.ledger.update_pending(
-            chunk,
-            state=PendingState.PENDING,
-            sending_since=0.0,
-            not_before=self._clock() + delay,
-            last_error=error,
+        pending = await self._persisting(
+            lambda: self.ledger.update_pending(
+                chunk,
+                state=PendingState.PENDING,
+                sending_since=0.0,
+                not_before=self._clock() + delay,
+                last_error=error,
+            )
         )
         if pending is None:
             return Attempt(AttemptKind.LOST, chunk)
         return Attempt(AttemptKind.DEFERRED, pending, delay)
+
+    async def _persisting(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A write that records what MDE told us: storage faults are ridden out for as long as the sweep
+        would wait before it calls the chunk's outcome unknown (docs/contracts.md §3), never given up
+        sooner, since the sweep could then only guess."""
+        give_up = time.monotonic() + self.sending_lease
+        while True:
+            try:
+                return await write()
+            except StorageUnavailable:
+                if time.monotonic() >= give_up:
+                    raise
+                log.warning("recording what MDE answered failed on storage; trying again")
+                await asyncio.sleep(PERSIST_RETRY_SECONDS)
 
     async def _too_old(self, chunk: Chunk) -> bool:
         return self._clock() - chunk.created_at > self.settings.idempotency_ttl_seconds
@@ -393,12 +498,11 @@ class Sender:
         error: dict[str, Any] | None,
         answer_for: AnswerHook | None = None,
     ) -> Attempt:
-        if answer_for is None:
-            done = await self.ledger.finish(chunk, result, status, error)
-        else:  # a caller is waiting: one write in place, with its answer (the sweep settles it later)
-            done = await self.ledger.finish(
-                chunk, result, status, error, in_place=True, answer_for=answer_for
-            )
+        # A caller waiting gets one write in place, with its answer (the sweep settles it later).
+        in_place = answer_for is not None
+        done = await self._persisting(
+            lambda: self.ledger.finish(chunk, result, status, error, in_place=in_place, answer_for=answer_for)
+        )
         log.info("chunk %s of operation %s: %s", chunk.chunk_id, chunk.operation_id, done.state)
         return Attempt(AttemptKind.FINISHED, done)
 
@@ -421,29 +525,7 @@ class Sender:
             for piece in attempt.pieces:
                 await self.schedule(piece, 0.0)
 
-    # --- the queue worker and the sweep --------------------------------------------------------------
-
-    async def on_message(self, chunk_id: str, token: str) -> str:
-        """Handle one chunks-queue message; never raises for a state it can resolve. Returns what it did."""
-        chunk = await self.ledger.pending_chunk(chunk_id)
-        if chunk is None:
-            return "gone"  # finished or split: nothing to do
-        if chunk.msg_token != token:
-            return "stale-message"
-        if chunk.state == PendingState.SENDING:
-            age = self._clock() - chunk.sending_since
-            if age < self.sending_lease:
-                # Someone's call is in flight: look again once it must have ended. The chunk itself is left
-                # alone (changing it would make that sender's own record of the outcome fail its ETag).
-                await self.queues.send_chunk(chunk.chunk_id, token, self.sending_lease - age)
-                return "in-flight-elsewhere"
-            resolved = await self.resolve_stale_send(chunk)
-            if resolved is None or resolved.kind is not AttemptKind.DEFERRED:
-                return "stale-send-resolved"
-            chunk = resolved.chunk
-        attempt = await self.attempt(chunk, max_wait=self.worker_wait, lead=MARK_LEAD_SECONDS)
-        await self.follow_up(attempt)
-        return attempt.kind.value
+    # --- outcome unknown ---------------------------------------------------------------------------------
 
     @property
     def sending_lease(self) -> float:
@@ -464,48 +546,6 @@ class Sender:
         if chunk.has_comment and not self.settings.resend_unknown_with_comment:
             return await self._finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, error.as_dict())
         return await self._retry_later(chunk, result)
-
-    async def sweep(self) -> dict[str, int]:
-        """Resolve what crashes left (stale Sending marks, Pending chunks whose message went missing) and
-        settle chunks the synchronous path finished in place."""
-        counts = {"staleSends": 0, "requeued": 0, "settled": 0}
-        now = self._clock()
-        for chunk in await self.ledger.all_pending():
-            if chunk.finished:  # ended on the synchronous path, recorded in place
-                counts["settled"] += await self.ledger.settle(chunk)
-            elif chunk.state == PendingState.SENDING and now - chunk.sending_since > self.sending_lease:
-                attempt = await self.resolve_stale_send(chunk)
-                counts["staleSends"] += 1
-                if attempt is not None:
-                    await self.follow_up(attempt)
-            elif (
-                chunk.state == PendingState.PENDING
-                and now > chunk.msg_due_at + self.settings.sweep_grace_seconds
-            ):
-                due = max(0.0, chunk.not_before - now)
-                if await self.schedule(chunk, due):
-                    counts["requeued"] += 1
-        return counts
-
-    async def on_poison(self, chunk_id: str) -> bool:
-        """A chunk message failed repeatedly: record the chunk Failed rather than let it vanish."""
-        chunk = await self.ledger.pending_chunk(chunk_id)
-        if chunk is None:
-            return False
-        age = self._clock() - chunk.sending_since
-        if chunk.state == PendingState.SENDING and age < self.sending_lease:
-            # A call is in flight: its sender records the outcome. Look again once it must have ended
-            # (then the ordinary worker path resolves a mark left behind).
-            await self.queues.send_chunk(chunk.chunk_id, chunk.msg_token, self.sending_lease - age)
-            return False
-        error = {
-            "httpStatus": None,
-            "code": "PoisonMessage",
-            "target": None,
-            "message": "The chunk's queue message failed repeatedly and reached the poison queue.",
-        }
-        await self.ledger.finish(chunk, ChunkResult.FAILED, 502, chunk.last_error or error)
-        return True
 
 
 def plan_chunks(

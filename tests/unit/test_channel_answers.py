@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from shared.defender import BatchLimit, CallKind, classify, parse_retry_after
+from shared.channels.base import CallKind, parse_retry_after
+from shared.channels.batch_update import BatchLimit
+from shared.channels.batch_update import classify_batch_update as classify
 
 
 def error(code: str, message: str = "m", target: str = "t-1") -> str:

@@ -1,0 +1,113 @@
+"""Per-tenant services, resolved from a context the edge decides (docs/architecture.md, "Tenants").
+
+MDE's API, its limits and its alerts are per tenant, so everything that talks to MDE or keeps state about
+it belongs to one tenant: its token provider, its channels and their budget rows, its ledger partition
+and its idempotency key space. The process-wide parts (settings, the aiohttp session, the storage clients
+and queues) are shared by all tenants (shared.runtime).
+
+Only the home tenant exists for now (docs/contracts.md §8 plans the others). The home tenant keeps the
+names that state written before tenants existed uses: key hashes without a key space, the ledger
+partition `ledger`, the budget rows in partition `mde`. An upgrade therefore forgets no key, operation or
+call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.channels.base import Transport
+    from shared.channels.batch_update import BatchUpdateChannel
+    from shared.idempotency import IdempotencyStore
+    from shared.intake import Intake
+    from shared.ledger import Ledger
+    from shared.queues import Queues
+    from shared.sender import Sender
+    from shared.settings import Settings
+    from shared.storage import Tables
+    from shared.tokens import TokenProvider
+    from shared.worker import Worker
+
+HOME = "home"
+
+
+class UnknownTenant(LookupError):
+    """A tenant name that this deployment does not serve."""
+
+
+@dataclass(frozen=True)
+class TenantContext:
+    """Where one tenant's state lives: decided at the edge, before any service is touched."""
+
+    name: str
+    key_space: str  # mixed into idempotency key hashes; "" keeps the hashes of before tenants
+    ledger_partition: str
+    budget_partition: str
+
+    @classmethod
+    def home(cls) -> TenantContext:
+        return cls(HOME, key_space="", ledger_partition="ledger", budget_partition="mde")
+
+
+@dataclass
+class TenantServices:
+    """One tenant's services, built once per process."""
+
+    context: TenantContext
+    tokens: TokenProvider
+    batch_update: BatchUpdateChannel
+    ledger: Ledger
+    keys: IdempotencyStore
+    sender: Sender
+    worker: Worker
+    intake: Intake
+
+    async def close(self) -> None:
+        await self.tokens.close()
+
+
+def build_tenant(
+    context: TenantContext,
+    settings: Settings,
+    tokens: TokenProvider,
+    transport: Transport,
+    tables: Tables,
+    queues: Queues,
+) -> TenantServices:
+    """Wire one tenant's services on the process-wide parts."""
+    from shared.channels.batch_update import BUDGET_ROW_KEY, BatchLimit, BatchUpdateChannel
+    from shared.idempotency import IdempotencyStore
+    from shared.intake import Intake
+    from shared.ledger import Ledger
+    from shared.ratelimit import RateLimiter
+    from shared.sender import Sender
+    from shared.worker import Worker
+
+    limiter = RateLimiter(
+        tables.budget,
+        settings.defender_rate_limits,
+        settings.rate_limit_safety_margin_seconds,
+        partition_key=context.budget_partition,
+        row_key=BUDGET_ROW_KEY,
+    )
+    batch_limit = BatchLimit(
+        settings.defender_max_alerts_per_call, tables.budget, partition_key=context.budget_partition
+    )
+    channel = BatchUpdateChannel(
+        transport, settings.batch_update_url, limiter, batch_limit, settings.defender_enum_overrides
+    )
+    ledger = Ledger(tables.operations, partition=context.ledger_partition)
+    keys = IdempotencyStore(
+        tables.keys,
+        explicit_ttl=settings.idempotency_ttl_seconds,
+        derived_ttl=settings.derived_key_ttl_seconds,
+        claim_lease=settings.sync_max_wait_seconds
+        + 2 * settings.defender_http_timeout_seconds
+        + settings.sweep_grace_seconds,
+        key_space=context.key_space,
+    )
+    sender = Sender(settings, ledger, channel, tokens, queues)
+    return TenantServices(
+        context, tokens, channel, ledger, keys, sender, Worker(sender), Intake(settings, keys, ledger, sender)
+    )
