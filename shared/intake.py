@@ -127,8 +127,23 @@ class Intake:
                 if replaced is None:
                     continue  # someone else changed the key meanwhile: look again
                 return await self._accept(replaced, sub, view)
+            if record.response is not None and record.response.status == 504:
+                record = await self._rebuilt(record, sub)
             return _replay(record)
         return self._in_progress(record)
+
+    async def _rebuilt(self, record: KeyRecord, sub: Submission) -> KeyRecord:
+        """A stored 504 (outcome unknown) is answered from the ledger again: a known outcome that arrived
+        after the sweep recorded OutcomeUnknown supersedes it (docs/contracts.md §3), and its answer with
+        it. The key is completed again with the new answer; if it changed meanwhile, the old one stands."""
+        operation = await self.ledger.operation(record.operation_id)
+        if operation is None:
+            return record
+        chunks = await self.ledger.chunks_of(operation)
+        answer = self._answer(operation, chunks, sub)
+        if answer.status == 504:
+            return record
+        return await self.keys.complete(record, _stored(answer)) or record
 
     async def _look_ahead(self, sub: Submission) -> OrderView | None:
         """The order read before accepting; None (the ordinary path) if it could not be read."""

@@ -378,17 +378,25 @@ class RateLimiter:
         """Sleep until a reserved slot comes (at once for a grant of now); then the Grant, or a Denial.
 
         The wait is by the limiter's clock (the one the log is kept in). If this object has meanwhile
-        recorded or read a 429 block that lasts past the slot, a Denial for the rest of the block comes
+        recorded or read (it reads the row afresh after sleeping for a reserved slot) a 429 block that
+        lasts past the slot, a Denial for the rest of the block comes
         back instead: the slot goes unused (always safe), as it does if the caller is cancelled while
         it sleeps. So does a slot the clock has not reached WAKE_TOLERANCE_SECONDS after it should have
         (the clock was set back): never call before the slot.
         """
         slot_ms = round(grant.at * 1000)
         loop = asyncio.get_running_loop()
+        ahead = slot_ms > self._now_ms()
         latest = loop.time() + (slot_ms - self._now_ms()) / 1000 + self.WAKE_TOLERANCE_SECONDS
         early = await self._sleep_until(slot_ms, latest)
         if early > 0:
             return Denial(early)
+        if ahead:
+            # Another instance may have recorded a 429 while we slept, and this object would not know:
+            # one fresh read before a reserved call (a grant of now needs none, its write just saw the row).
+            async with self._lock:
+                self._cached = None
+                await self._state()
         if self._known_block_ms > slot_ms:
             # A 429 recorded since the reservation covers the slot. The remaining block is at least a
             # millisecond (a Denial's wait is positive) even if the block ended while we slept.

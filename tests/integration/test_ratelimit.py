@@ -478,3 +478,18 @@ async def test_a_lead_puts_the_slot_that_far_ahead_and_max_wait_counts_after_it(
     assert (await stored(table))[0] == [start + 200]
     granted = await limiter.reserve(1.1, lead=0.2)
     assert isinstance(granted, Grant) and round(granted.at * 1000) == start + 1200
+
+
+async def test_a_429_another_instance_recorded_while_a_reserved_slot_approached_stops_the_call(
+    instance: MakeLimiter,
+) -> None:
+    """A reserved slot is not used if, while its holder slept, another instance recorded a 429 whose
+    block covers it: the holder reads the row afresh before its call (it could not know otherwise)."""
+    windows, margin = [RateWindow(1, 0.5)], 0.0
+    a, b = instance(windows, margin), instance(windows, margin)
+    assert isinstance(await a.acquire(), Grant)  # the window is full for 0.5 s
+    reserved = await a.reserve(max_wait=2.0)
+    assert isinstance(reserved, Grant) and reserved.at > time.time()
+    await b.block(30.0)  # MDE answered b with 429, Retry-After 30 s
+    outcome = await a.wait_for(reserved)
+    assert isinstance(outcome, Denial) and outcome.wait_seconds > 25
