@@ -411,9 +411,9 @@ class Sender:
         pending = await self.ledger.update_pending(
             sending, state=PendingState.PENDING, sending_since=0.0, attempts=sending.attempts - 1
         )
+        await self._release(grant)  # no call was made: the budget goes back
         if pending is None:
             return Attempt(AttemptKind.LOST, sending)
-        await self._release(grant)  # no call was made: the budget goes back
         return Attempt(AttemptKind.DEFERRED, pending, STALE_GRANT_RETRY_SECONDS)
 
     async def _split(self, chunk: Chunk, size: int) -> Attempt:
@@ -467,6 +467,9 @@ class Sender:
                 sending_since=0.0,
                 not_before=self._clock() + delay,
                 last_error=error,
+                # A fresh token that reached MDE served its one try (a later 401 earns another); one
+                # still owed because the fetch failed stays owed.
+                fresh_token=chunk.fresh_token and not result.sent,
             )
         )
         if pending is None:

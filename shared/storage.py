@@ -254,13 +254,16 @@ class StateTable:
 
     async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None:
         """One entity-group transaction: each operation's new ETag (None for deletes), or None if one of
-        its conditions failed. The first create/update/upsert's row is the probe read back after a lost
-        answer: every row in the transaction carries the same token, and they land together or not at all.
+        its conditions failed. After a lost answer every row it writes is read back: they carry the same
+        token and land together or not at all, so one of them still carrying it means the transaction
+        landed (another writer may have changed some since, e.g. the accept counter). A transaction of
+        deletes only landed if every row is gone.
         """
         token = uuid.uuid4().hex
         stamped = [_stamp_operation(op, token) for op in operations]
-        probe = next(op[1] for op in stamped if op[0] != "delete")
-        pk, rk = probe["PartitionKey"], probe["RowKey"]
+        first = stamped[0][1]
+        pk, rk = first["PartitionKey"], first["RowKey"]
+        written = [op[1] for op in stamped if op[0] != "delete"]
 
         async def write() -> list[str | None]:
             from azure.core.exceptions import HttpResponseError
@@ -278,9 +281,13 @@ class StateTable:
             ]
 
         async def landed() -> list[str | None] | _Again | None:
-            current = await self._get(pk, rk)
-            if current is not None and current.get(WRITE_TOKEN) == token:
-                return await self._etags_of(stamped)
+            if not written:
+                rows = [await self._get(op[1]["PartitionKey"], op[1]["RowKey"]) for op in stamped]
+                return [None] * len(stamped) if all(row is None for row in rows) else AGAIN
+            for row in written:
+                current = await self._get(row["PartitionKey"], row["RowKey"])
+                if current is not None and current.get(WRITE_TOKEN) == token:
+                    return await self._etags_of(stamped)
             # Not ours. Whether a condition failed or the transaction never ran, only a new try can tell
             # (it answers a conflict if one of the conditions fails).
             return AGAIN
@@ -341,10 +348,11 @@ class StateTable:
                     raise
                 if may_have_landed(exc):
                     ambiguous = check_first = True
-            if loop.time() + self.policy.backoff(attempt) >= give_up:
+            pause = self.policy.backoff(attempt)
+            if attempt == self.policy.attempts - 1 or loop.time() + pause >= give_up:
                 break
             log.info("storage: %s failed (%s); trying again", what, _first_line(last))
-            await asyncio.sleep(self.policy.backoff(attempt))
+            await asyncio.sleep(pause)
         raise self._unavailable(what, last)
 
     def _unavailable(self, what: str, last: BaseException | None) -> StorageUnavailable:
@@ -371,7 +379,7 @@ async def with_retries(
                 raise
             last = exc
         pause = policy.backoff(attempt)
-        if loop.time() + pause >= give_up:
+        if attempt == policy.attempts - 1 or loop.time() + pause >= give_up:
             break
         await asyncio.sleep(pause)
     detail = f"{what}: {_first_line(last) if last else 'no answer'}"

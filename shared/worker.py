@@ -79,7 +79,7 @@ class Worker:
         return counts
 
     async def on_poison(self, chunk_id: str) -> bool:
-        """A chunk message failed repeatedly: record the chunk Failed rather than let it vanish."""
+        """A chunk message failed repeatedly: record the chunk Failed (OutcomeUnknown if it was sent) rather than let it vanish."""
         chunk = await self.sender.ledger.pending_chunk(chunk_id)
         if chunk is None:
             return False
@@ -91,6 +91,18 @@ class Worker:
                 chunk.chunk_id, chunk.msg_token, self.sender.sending_lease - age
             )
             return False
+        if chunk.state == PendingState.SENDING:
+            # Its call was made and never recorded: whatever the message's fate, MDE may have applied
+            # it, so the chunk ends OutcomeUnknown (504), never a Failed that invites a re-send.
+            unknown = {
+                "httpStatus": None,
+                "code": "OutcomeUnknown",
+                "target": None,
+                "message": "The chunk was sent and its message then failed repeatedly (poison queue); "
+                "MDE may have applied it.",
+            }
+            await self.sender.ledger.finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, unknown)
+            return True
         error = {
             "httpStatus": None,
             "code": "PoisonMessage",

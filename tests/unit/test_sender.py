@@ -717,11 +717,6 @@ async def test_ownership_lost_while_a_429_block_cancels_the_slot(clock: ManualCl
     assert stored is not None and stored.msg_token == "someone-else"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Sender._grant_went_stale returns LOST before releasing the grant when the chunk changed "
-    "under it: no call was made, yet the budget stays spent (Sender._mark releases in the same case)",
-)
 async def test_ownership_lost_when_a_grant_went_stale_gives_the_grant_back(clock: ManualClock) -> None:
     rig = build(clock, env={"RATE_LIMIT_SAFETY_MARGIN_SECONDS": "1"}, limiter_clock=lambda: clock() - 1.0)
     [chunk] = await rig.accept(ID1)

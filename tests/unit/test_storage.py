@@ -495,7 +495,9 @@ async def test_a_transaction_that_did_not_land_is_submitted_again() -> None:
     results = await table.transact(_accept_ops(counter))
 
     assert results is not None and results[1] == stored(client, "o-1").metadata["etag"]
-    assert client.calls == ["submit_transaction", "get_entity", "submit_transaction"]
+    assert client.calls == ["submit_transaction"] + ["get_entity"] * 3 + [
+        "submit_transaction"
+    ]  # each row read
 
 
 async def test_a_transaction_whose_condition_failed_is_none_and_changes_nothing() -> None:
@@ -537,7 +539,7 @@ async def test_a_transaction_conflict_after_a_lost_answer_that_did_not_land_is_n
 
     assert await table.transact(_accept_ops(counter)) is None
     assert client.state.read(PK, "o-1") is None
-    assert client.calls == ["submit_transaction", "get_entity", "submit_transaction", "get_entity"]
+    assert client.calls == (["submit_transaction"] + ["get_entity"] * 3) * 2
 
 
 async def test_a_transaction_that_landed_late_meets_its_own_rows() -> None:
@@ -550,13 +552,6 @@ async def test_a_transaction_that_landed_late_meets_its_own_rows() -> None:
     assert results == [stored(client, rk).metadata["etag"] for rk in ("counter", "o-1", "p-1")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StateTable.transact probes only the first create/update/upsert row after a lost answer; when "
-    "that row (the ledger's accept counter) was overwritten by another accept before the read-back, a "
-    "transaction that did land is retried, conflicts with its own rows and is reported as None (the "
-    "ledger then raises AlreadyAccepted for its own accept). Rows it created still carry its token.",
-)
 async def test_a_landed_transaction_whose_probe_row_moved_on_is_still_ours() -> None:
     table, client = seam()
     counter = client.state.put(row("counter", Next=1))
@@ -569,12 +564,6 @@ async def test_a_landed_transaction_whose_probe_row_moved_on_is_still_ours() -> 
     assert results is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="StateTable.transact looks for a probe with next() over the non-delete operations: a "
-    "transaction of deletes only raises StopIteration, which the coroutine turns into RuntimeError",
-)
 async def test_a_transaction_of_deletes_only() -> None:
     table, client = seam()
     one, two = client.state.put(row("p-1")), client.state.put(row("p-2"))
@@ -682,11 +671,6 @@ async def test_reads_are_bounded_by_the_deadline() -> None:
     assert 2 <= client.count("get_entity") < 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StateTable._writing and with_retries sleep a back-off after the last attempt too, before "
-    "raising StorageUnavailable: up to max_backoff (1 s by default) added to every give-up, for nothing",
-)
 async def test_no_back_off_after_the_last_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
     real_sleep = asyncio.sleep

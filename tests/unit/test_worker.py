@@ -276,13 +276,6 @@ async def test_a_poisoned_message_leaves_a_chunk_in_flight_to_its_sender(clock: 
     assert await rig.finished(sending) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.on_poison finishes a chunk whose Sending mark outlived the lease as Failed 502 "
-    "(PoisonMessage) instead of resolving it by the outcome-unknown rule (Sender.resolve_stale_send, as "
-    "on_message and the sweep do): with a comment its call may have reached MDE, so it should end "
-    "OutcomeUnknown 504; Failed invites a re-submit that shows the comment twice",
-)
 async def test_a_poisoned_message_of_a_stale_send_resolves_it_as_outcome_unknown(clock: ManualClock) -> None:
     rig = build(clock)
     sending = await in_flight(rig, ID1, fields=COMMENT)
