@@ -285,6 +285,10 @@ class RateLimiter:
     SLEEP_SLACK_SECONDS = 0.002
     """Added to the sleep until a reserved slot so the clock has surely reached the slot's millisecond."""
 
+    BLOCK_CHECK_LEAD_MS = 150
+    """How long before a reserved slot the row is read afresh for a 429 another instance recorded; a
+    block recorded within this lead is still missed (the call's own 429 then blocks everyone)."""
+
     WAKE_TOLERANCE_SECONDS = 1.0
     """How long past its slot (by the event loop's monotonic clock) a reserved caller keeps waiting for
     the limiter's clock to reach the slot, should that clock be set back meanwhile; then it gives up the
@@ -386,17 +390,19 @@ class RateLimiter:
         """
         slot_ms = round(grant.at * 1000)
         loop = asyncio.get_running_loop()
-        ahead = slot_ms > self._now_ms()
         latest = loop.time() + (slot_ms - self._now_ms()) / 1000 + self.WAKE_TOLERANCE_SECONDS
-        early = await self._sleep_until(slot_ms, latest)
-        if early > 0:
-            return Denial(early)
-        if ahead:
-            # Another instance may have recorded a 429 while we slept, and this object would not know:
-            # one fresh read before a reserved call (a grant of now needs none, its write just saw the row).
+        look_ms = slot_ms - self.BLOCK_CHECK_LEAD_MS
+        if look_ms > self._now_ms():
+            # Another instance may record a 429 while we sleep, and this object would not know: one fresh
+            # read shortly before a reserved slot (a grant of now needs none: its write just saw the row).
+            # Read ahead of the slot, not at it, so the read never makes the call late.
+            await self._sleep_until(look_ms, latest)
             async with self._lock:
                 self._cached = None
                 await self._state()
+        early = await self._sleep_until(slot_ms, latest)
+        if early > 0:
+            return Denial(early)
         if self._known_block_ms > slot_ms:
             # A 429 recorded since the reservation covers the slot. The remaining block is at least a
             # millisecond (a Denial's wait is positive) even if the block ended while we slept.
