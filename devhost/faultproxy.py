@@ -588,6 +588,7 @@ class FaultProxy:
     ports: dict[str, int] = field(default_factory=dict)
     faults: list[FaultEvent] = field(default_factory=list)
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)  # client connections, by service
     source_connection_string: str = ""
 
     def __post_init__(self) -> None:
@@ -614,6 +615,7 @@ class FaultProxy:
     def clear(self) -> None:
         self.faults.clear()
         self.requests.clear()
+        self.accepted.clear()
 
     def faults_of(self, kind: str) -> list[FaultEvent]:
         return [f for f in self.faults if f.kind == kind]
@@ -715,6 +717,7 @@ class FaultProxy:
         assert task is not None
         self._tasks.add(task)
         conn = _Connection(next(self._ids), service, writer, time.monotonic())
+        self.accepted[service] += 1
         self._connections[conn.id] = conn
         try:
             await self._serve_requests(conn, reader)
