@@ -141,8 +141,10 @@ class FaultEvent:
 class FaultPlan:
     """Which faults are on. All off by default (the proxy then only forwards and counts).
 
-    `drop_ops`, when set, limits answer drops to requests whose op is in it; `services` limits every
-    fault to those services; `max_faults` stops faulting after that many (counted over all kinds).
+    `drop_ops`, when set, limits the random answer drops to requests whose op is in it; `drop_once`
+    drops the answer of the first request of each op it names (after the plan is set) whatever the
+    dice say, so a run is sure to meet each; `services` limits every fault to those services;
+    `max_faults` stops faulting after that many (counted over all kinds).
     """
 
     idle_close_after: float | None = None
@@ -150,6 +152,7 @@ class FaultPlan:
     blackhole_after: float | None = None
     drop_probability: float = 0.0
     drop_ops: frozenset[str] | None = None
+    drop_once: frozenset[str] = frozenset()
     seed: int = 0
     services: frozenset[str] = frozenset(SERVICES)
     include_host: bool = False
@@ -602,6 +605,7 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self._rng = random.Random(self.plan.seed)
+        self._dropped_once: set[str] = set()
         self._budget = _BudgetMemory()
         self._janitor: asyncio.Task[None] | None = None
 
@@ -611,6 +615,7 @@ class FaultProxy:
         """Switch faults now; the drop RNG restarts from the plan's seed."""
         self.plan = plan
         self._rng = random.Random(plan.seed)
+        self._dropped_once = set()
 
     def clear(self) -> None:
         self.faults.clear()
@@ -775,6 +780,9 @@ class FaultProxy:
 
     def _draw_drop(self, info: RequestInfo) -> bool:
         plan = self.plan
+        if info.op in plan.drop_once and info.op not in self._dropped_once:
+            self._dropped_once.add(info.op)
+            return True
         if plan.drop_probability <= 0 or (plan.drop_ops is not None and info.op not in plan.drop_ops):
             return False
         return self._rng.random() < plan.drop_probability

@@ -249,6 +249,23 @@ async def test_drops_follow_the_seed_and_the_op_filter(proxy: FaultProxy) -> Non
     assert await pattern(7) == first
 
 
+async def test_drop_once_drops_the_first_request_of_each_named_op(proxy: FaultProxy) -> None:
+    proxy.set_plan(FaultPlan(drop_once=frozenset({"read-key", "query-keys"})))
+    outcomes = []
+    for path in ["/acct/tKeys()", "/acct/tKeys()", "/acct/tKeys(PartitionKey='k',RowKey='key')"] * 2:
+        reader, writer = await asyncio.open_connection(LOOPBACK, proxy.ports["table"])
+        try:
+            outcomes.append(
+                await raw_request(reader, writer, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n") is not None
+            )
+        except ConnectionResetError:
+            outcomes.append(False)
+        finally:
+            writer.close()
+    assert outcomes == [False, True, False, True, True, True]
+    assert sorted(proxy.fault_ops("drop")) == ["query-keys", "read-key"]
+
+
 async def test_host_traffic_is_exempt_unless_included(proxy: FaultProxy) -> None:
     async def receive() -> bool:
         reader, writer = await asyncio.open_connection(LOOPBACK, proxy.ports["queue"])
