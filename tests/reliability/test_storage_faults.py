@@ -10,8 +10,8 @@ here: an operation that does not end Succeeded (no MDE fault is scripted, so not
 OutcomeUnknown or Failed), a bare 500, or a request that hangs (every exchange is bounded by
 REQUEST_TIMEOUT seconds; longer counts as a hang).
 
-1. **Idle connections** (`test_idle_connections`): requests paced PACE seconds apart, so the app's pooled
-   connections go idle between them; the proxy closes (`idle-close`) or black-holes (`blackhole`) every
+1. **Idle connections** (`test_idle_connections`): requests paced about PACE seconds apart (GAPS), so
+   the app's pooled connections go idle between them; the proxy closes (`idle-close`) or black-holes (`blackhole`) every
    connection idle for IDLE seconds.
 2. **Lost answers** (`test_lost_answers`): requests from several callers at once; the proxy applies each
    Table and Queue request of the app and, with probability p (seeded), throws its answer away and
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections import Counter
@@ -75,7 +76,10 @@ CALLER_SECONDS = 45.0  # how long a caller keeps re-sending one request (then it
 MAX_TRIES = 8
 SETTLE_SECONDS = 45.0  # how long every accepted operation has to end once the callers are done
 IDLE = 0.5
-PACE = 0.7  # > IDLE: the connections a request used are idle by the next one
+PACE = 0.7  # the mean gap between requests: the connections a request used are mostly idle by the next
+# The gaps (seeded): most longer than IDLE, some within the proxy's idle check of it, where a request may
+# meet a connection as it is being closed (the race every client of a load balancer meets now and then).
+GAPS = (0.5, 0.52, 0.6, 0.7, 0.8, 0.9, 0.88)
 TARGET_WRITES = frozenset({"claim", "accept", "mark", "grant", "finish"})
 
 
@@ -282,18 +286,24 @@ async def judge(case: StorageCase, outcomes: list[Outcome], what: str) -> None:
             case.ctl, case.http, case.host.urls["base"], sent, windows=WINDOWS, within=SETTLE_SECONDS
         )
         resources = verdict.resources
-    except AssertionError as broken:
-        problems.append(f"invariants: {str(broken)[:5000]}")
+    except AssertionError as broken:  # its operations dump is left out: the lines below say more
+        problems.append(f"invariants: {str(broken).split(chr(10) + 'operations:')[0][:5000]}")
     faults_then = list(case.proxy.faults)
     case.proxy.set_plan(FaultPlan())  # read the outcome without faults
     if not resources:
         resources = await _read_operations(case, [s.operation_id for s in sent])
+    key_of = {o.operation_id: o.request.key for o in outcomes if o.operation_id}
     for operation_id, resource in resources.items():
         statuses = Counter(c["status"] for c in resource.get("chunks", []))
         if resource.get("status") != "Succeeded" or set(statuses) != {"Succeeded"}:
-            errors = [c.get("lastError") for c in resource.get("chunks", []) if c["status"] != "Succeeded"]
+            chunks = [
+                {k: c.get(k) for k in ("chunkId", "status", "attempts", "lastError")}
+                for c in resource.get("chunks", [])
+                if c["status"] != "Succeeded"
+            ]
             problems.append(
-                f"operation {operation_id} ended {resource.get('status')} with chunks {dict(statuses)}: {errors}"
+                f"request {key_of.get(operation_id)} (operation {operation_id}) ended "
+                f"{resource.get('status')} with chunks {dict(statuses)}: {chunks}"
             )
     bare = [e.describe() for e in recorder.exchanges if e.status == 500]
     if bare:
@@ -312,11 +322,17 @@ async def judge(case: StorageCase, outcomes: list[Outcome], what: str) -> None:
             f"{what}: {len(problems)} problem(s)\n- "
             + "\n- ".join(problems)
             + f"\nexchanges by outcome: {dict(statuses)}"
+            + "\nPOST answers that did not accept (the caller re-sent):\n  "
+            + ("\n  ".join(e.describe() for e in recorder.exchanges if _retried(e)) or "(none)")
             + f"\nfaults by kind and op: {dict(Counter((f.kind, _op(f)) for f in faults_then))}"
             + "\nfaults that hit each request's own storage operations:\n"
             + ("\n".join(attribution) or "  (none attributable)")
             + f"\n(judged in {time.monotonic() - started:.1f}s)"
         )
+
+
+def _retried(exchange: Exchange) -> bool:
+    return exchange.method == "POST" and exchange.status not in (200, 202, 502, 504)
 
 
 def _op(fault: FaultEvent) -> str:
@@ -389,11 +405,14 @@ async def test_idle_connections(storage_case: StorageCase, kind: str, size: Idle
     case.proxy.set_plan(plan)
     requests = backlog(f"idle {kind}", size.requests)
 
-    async def paced(n: int, request: Request) -> Outcome:
-        await asyncio.sleep(n * PACE)  # open loop: a slow or hung request does not delay the next
+    gaps = random.Random(size.requests).choices(GAPS, k=size.requests)
+    starts = [sum(gaps[:n]) for n in range(size.requests)]
+
+    async def paced(start: float, request: Request) -> Outcome:
+        await asyncio.sleep(start)  # open loop: a slow or hung request does not delay the next
         return await submit(case.http, case.url, request)
 
-    outcomes = await asyncio.gather(*(paced(n, r) for n, r in enumerate(requests)))
+    outcomes = await asyncio.gather(*(paced(t, r) for t, r in zip(starts, requests, strict=True)))
     faults = case.proxy.faults_of(kind)
     assert len(faults) >= size.min_faults, (
         f"precondition: at least {size.min_faults} {kind} faults, got {len(faults)}: {case.proxy.fault_ops()}"
