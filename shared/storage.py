@@ -104,10 +104,16 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def may_have_landed(exc: BaseException) -> bool:
-    """Whether a failed write could still have taken effect (only a request never sent certainly did not)."""
+    """Whether a failed write could still have taken effect. Only a connection that was never made
+    certainly carried nothing: azure-core reports a reset or a server disconnect *after* sending as
+    ServiceRequestError too, so that type alone proves nothing."""
+    import aiohttp
     from azure.core.exceptions import ServiceRequestError
 
-    return not isinstance(exc, ServiceRequestError)
+    if not isinstance(exc, ServiceRequestError):
+        return True
+    cause = exc.inner_exception or exc.__cause__
+    return not isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
 # --- the seam ------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ class StateTable:
                 return _etag(current)
             return AGAIN if etag is None or _etag(current) == etag else None
 
-        return await self._writing(f"replace {pk}/{rk}", write, landed)
+        return await self._writing(f"replace {pk}/{rk}", write, landed, verify_conflicts=etag is not None)
 
     async def delete(self, partition_key: str, row_key: str, etag: str | None = None) -> bool:
         """Delete the row (if its ETag is still `etag`, when given): False if it moved. A missing row counts
@@ -249,7 +255,9 @@ class StateTable:
                 return True
             return AGAIN if etag is None or _etag(current) == etag else False
 
-        outcome = await self._writing(f"delete {partition_key}/{row_key}", write, landed)
+        outcome = await self._writing(
+            f"delete {partition_key}/{row_key}", write, landed, verify_conflicts=etag is not None
+        )
         return bool(outcome)
 
     async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None:
@@ -314,11 +322,15 @@ class StateTable:
         what: str,
         write: Callable[[], Awaitable[T]],
         landed: Callable[[], Awaitable[T | _Again | None]],
+        *,
+        verify_conflicts: bool = False,
     ) -> T | None:
         """A conditional write: its value, None on a failed condition, or StorageUnavailable.
 
         After a failure that may have landed, and after a conflict that follows such a failure (our own
-        earlier attempt may be what the condition met), `landed` reads back and says: the value (ours
+        earlier attempt may be what the condition met), or any conflict of a conditional PUT or DELETE
+        (`verify_conflicts`: aiohttp itself re-sends those once, unseen, when a reused keep-alive
+        connection drops, so a 412 can be the answer to our own write's second copy), `landed` reads back and says: the value (ours
         took effect), None (someone else's did), or AGAIN (nothing did: write again).
         """
         loop = asyncio.get_running_loop()
@@ -340,7 +352,7 @@ class StateTable:
             except Exception as exc:
                 last = exc
                 if is_conflict(exc):
-                    if not ambiguous:
+                    if not (ambiguous or verify_conflicts):
                         return None
                     check_first = conflicted = True  # was it our own earlier attempt the condition met?
                     continue

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import aiohttp
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     HttpResponseError,
@@ -834,7 +835,11 @@ class FakeTableClient:
         if isinstance(what, BaseException):
             raise what
         if what is Fault.NOT_SENT:
-            raise ServiceRequestError(f"{method}: cannot connect to host (injected)")
+            # As azure-core reports a connection that could not be made (the only kind of
+            # ServiceRequestError that proves nothing was sent).
+            raise ServiceRequestError(
+                f"{method}: cannot connect to host (injected)", error=aiohttp.ConnectionTimeoutError()
+            )
         if what is Fault.UNAVAILABLE:
             raise http_error(
                 HttpResponseError, 503, "ServerBusy", "The server is currently unable to receive requests."

@@ -36,7 +36,7 @@ from shared.idempotency import ClaimOutcome, IdempotencyKey, IdempotencyStore, K
 from shared.ledger import AcceptPlan, ChunkResult, Ledger, PendingState
 from shared.ratelimit import Grant, RateLimiter
 from shared.settings import RateWindow
-from shared.tables import Tables
+from shared.storage import Tables
 
 
 @dataclass
