@@ -1,4 +1,4 @@
-"""Connection faults between alertgate and its storage: the storage rewrite's acceptance cases.
+"""Connection faults between alertgate and its storage, ridden out by the storage seam (shared.storage).
 
 In Azure the path from a Functions instance to its storage account closes idle connections (the load
 balancer), forgets idle flows (a NAT or firewall: the next request on them is never answered), and now
@@ -19,9 +19,9 @@ REQUEST_TIMEOUT seconds; longer counts as a hang).
    behave as a playbook's retry policy: on 503, 500, 409 "in progress" (with its Retry-After) or a
    broken connection, the same request again with the same Idempotency-Key, with bounded back-off.
 
-Each has a small variant (the default when the module is selected) and a full one (`full`, with
-ALERTGATE_FULL=1). The whole module is marked `storage_faults`, which pyproject's addopts deselects: it
-fails against today's storage layer and is run explicitly:
+Each has a small variant, part of the README's test command, and a full one (`full`, run by
+scripts/reliability.sh or with ALERTGATE_FULL=1). The module is marked `storage_faults`, to select it
+alone:
 
     .venv/bin/python -m pytest -m storage_faults tests/reliability/test_storage_faults.py
     ALERTGATE_FULL=1 .venv/bin/python -m pytest -m storage_faults tests/reliability/test_storage_faults.py
