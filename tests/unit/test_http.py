@@ -1,0 +1,23 @@
+"""shared/http.py's answers: no nulls (OpenAPI 2.0 cannot type them), and a problem's status is HTTP's."""
+
+from __future__ import annotations
+
+from shared.http import json_response, problem, without_nulls
+
+
+def test_none_members_are_left_out_at_any_depth() -> None:
+    document = {"a": None, "b": {"c": None, "d": 1}, "e": [{"f": None}, None, 2]}
+    assert without_nulls(document) == {"b": {"d": 1}, "e": [{}, None, 2]}
+    assert json_response(200, {"caller": {"principalName": "p", "identityProvider": None}}).json == {
+        "caller": {"principalName": "p"}
+    }
+
+
+def test_a_problem_keeps_the_http_status_and_moves_an_operation_status_aside() -> None:
+    answer = problem(
+        504, "outcome-unknown", "Outcome unknown", "no answer", extra={"status": "Failed", "upstream": None}
+    )
+    assert answer.status == 504
+    assert answer.json["status"] == 504 and answer.json["operationStatus"] == "Failed"
+    assert "upstream" not in answer.json
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
