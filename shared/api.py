@@ -130,8 +130,19 @@ def tenant_of(request: ApiRequest) -> str:
     return HOME
 
 
-def caller_of(request: ApiRequest) -> dict[str, Any]:
-    """Who called: App Service authentication's principal when present, otherwise a function key."""
+def caller_of(request: ApiRequest, auth_enabled: bool | None = None) -> dict[str, Any]:
+    """Who called: App Service authentication's principal when present, otherwise a function key.
+
+    The X-MS-CLIENT-PRINCIPAL-* headers are believed only when App Service authentication is on
+    (WEBSITE_AUTH_ENABLED, `auth_enabled` defaults to the setting): then App Service removes any a caller
+    sent and sets its own. Without it they are whatever the caller wrote, so the caller is the function
+    key's holder and the headers are ignored."""
+    if auth_enabled is None:
+        from shared import runtime
+
+        auth_enabled = runtime.settings().app_service_auth_enabled
+    if not auth_enabled:
+        return {"authentication": "functionKey"}
     name = request.header("X-MS-CLIENT-PRINCIPAL-NAME")
     principal_id = request.header("X-MS-CLIENT-PRINCIPAL-ID")
     if name or principal_id:

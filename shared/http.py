@@ -44,8 +44,21 @@ class ApiResponse:
         return json.loads(self.body) if self.body else None
 
 
+def without_nulls(document: Any) -> Any:
+    """The document with every member whose value is None left out, at any depth (array items are kept).
+
+    openapi.yaml is OpenAPI 2.0, which cannot say "string or null": a member a schema types as a string
+    (an MDE error's `target`, a principal's `identityProvider`) is absent when there is no value, never
+    null, which is what clients built from the spec (Logic Apps' Parse JSON, generated classes) expect."""
+    if isinstance(document, dict):
+        return {k: without_nulls(v) for k, v in document.items() if v is not None}
+    if isinstance(document, list | tuple):
+        return [without_nulls(item) for item in document]
+    return document
+
+
 def json_response(status: int, document: Any, headers: dict[str, str] | None = None) -> ApiResponse:
-    body = json.dumps(document, ensure_ascii=False).encode("utf-8")
+    body = json.dumps(without_nulls(document), ensure_ascii=False).encode("utf-8")
     return ApiResponse(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
 
 
@@ -65,8 +78,13 @@ def problem(
         "detail": detail,
     }
     document["errors"] = [e.as_dict() for e in errors or []]
-    document.update(extra or {})
-    body = json.dumps(document, ensure_ascii=False).encode("utf-8")
+    more = dict(extra or {})
+    if "status" in more:
+        # RFC 9457 §3.1.2: `status` is the HTTP status code. An answer about an operation carries the
+        # operation's status (Failed, PartiallySucceeded) as `operationStatus` instead.
+        more["operationStatus"] = more.pop("status")
+    document.update(more)
+    body = json.dumps(without_nulls(document), ensure_ascii=False).encode("utf-8")
     return ApiResponse(
         status, body, {"Content-Type": "application/problem+json; charset=utf-8", **(headers or {})}
     )

@@ -77,6 +77,10 @@ class Settings:
     # In Azure (and locally against the identity emulator) the App Service identity endpoint is set;
     # elsewhere a developer's own login is used through DefaultAzureCredential (docs/contracts.md §5).
     use_managed_identity: bool = field(default=False)
+    # App Service authentication (Easy Auth) is on: App Service sets WEBSITE_AUTH_ENABLED=True, and then
+    # it strips any X-MS-CLIENT-PRINCIPAL* header a caller sends and adds its own. Only then do those
+    # headers say who called; without it any caller could forge them (shared/api.py caller_of).
+    app_service_auth_enabled: bool = field(default=False)
 
     @property
     def batch_update_url(self) -> str:
@@ -310,7 +314,7 @@ def names_read() -> frozenset[str]:
 PLATFORM_NAMES = frozenset({
     "AzureWebJobsStorage", "AzureWebJobsStorage__accountName", "AzureWebJobsStorage__tableServiceUri",
     "AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId",
-    "IDENTITY_ENDPOINT", "MSI_ENDPOINT", "WEBSITE_INSTANCE_ID",
+    "IDENTITY_ENDPOINT", "MSI_ENDPOINT", "WEBSITE_INSTANCE_ID", "WEBSITE_AUTH_ENABLED",
 })  # fmt: skip
 
 
@@ -357,6 +361,7 @@ def _load(reader: _Reader) -> Settings:
         use_managed_identity=bool(
             reader.raw("IDENTITY_ENDPOINT") or reader.raw("MSI_ENDPOINT") or reader.raw("WEBSITE_INSTANCE_ID")
         ),
+        app_service_auth_enabled=reader.get("WEBSITE_AUTH_ENABLED", False, _bool),
     )
     if settings.defender_max_alerts_per_call > MAX_IDS_PER_CALL:
         reader.problems.append(

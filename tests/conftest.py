@@ -10,13 +10,27 @@ import contextlib
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from devhost.services import Service, local_app_env, start_azurite, start_devhost, start_emulators
+from tests.openapi_answers import OpenApiViolation, spec_answers
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Note whether a test's body failed, so that `http` reports a swallowed violation only then."""
+    report: pytest.TestReport = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +136,18 @@ def hosts(log_dir: Path, azurite: Service, emulators: Service) -> Iterator[HostP
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """An HTTP client for a test's requests to hosts and emulators (one per test, closed at its end)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for a test's requests to hosts (one per test, closed at its end).
+
+    Every answer from a path under openapi.yaml's basePath is checked against it (tests/openapi_answers.py):
+    an answer it does not describe fails the request with OpenApiViolation, naming route, status and fault.
+    One that the test caught and went on from fails the test at teardown."""
+    seen: list[OpenApiViolation] = []
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=60), trace_configs=[spec_answers().trace_config(seen)]
+    ) as session:
         yield session
+    if seen and not request.node.stash.get(_CALL_FAILED, False):
+        raise OpenApiViolation(
+            f"{len(seen)} answer(s) the test caught did not match openapi.yaml; the first:\n{seen[0]}"
+        )

@@ -211,8 +211,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
 // Optional caller authentication with Microsoft Entra ID (App Service authentication). With it on, a
 // call needs a token for the app registration (else 401) and still the function key (the routes keep
 // auth level FUNCTION), and alertgate records the caller from the X-MS-CLIENT-PRINCIPAL-* headers App
-// Service adds (shared/api.py caller_of). The resource is always deployed, with the platform enabled
-// or not, so that setting enableEntraAuth back to false really turns authentication off again.
+// Service adds (shared/api.py caller_of). alertgate believes those headers only when App Service sets
+// WEBSITE_AUTH_ENABLED=True, which it does with the platform enabled; never set that app setting here,
+// or forged headers would be believed without authentication. The resource is always deployed, with the
+// platform enabled or not, so that setting enableEntraAuth back to false really turns authentication
+// off again.
 resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   // checkov:skip=CKV_AZURE_13: App Service authentication is the enableEntraAuth parameter, off by default because it needs an app registration that a template cannot create; every route needs a function key either way.
   // checkov:skip=CKV_AZURE_63: false positive: checkov applies the checks of a site's web configuration to every Microsoft.Web/sites/config resource; this is authsettingsV2, and HTTP logs of a Flex app go to Application Insights.

@@ -70,6 +70,11 @@ PLATFORM_ALLOW_LIST: dict[str, str] = {
     "IDENTITY_HEADER": "the header that authenticates calls to IDENTITY_ENDPOINT; likewise",
     "MSI_ENDPOINT": "the older name of the identity endpoint, set by the platform where it applies",
     "WEBSITE_INSTANCE_ID": "set by App Service on every instance; tells alertgate it runs in Azure",
+    "WEBSITE_AUTH_ENABLED": (
+        "set by App Service (True) when its authentication is on, which the deployment's enableEntraAuth "
+        "parameter turns on; an app setting of that name would let alertgate trust forged principal "
+        "headers without the platform's authentication, so the deployment never sets it"
+    ),
 }
 
 
@@ -277,6 +282,13 @@ def test_the_allow_list_hides_no_setting_of_alertgate_and_covers_the_platform_na
         f"shared.settings.PLATFORM_NAMES not in the allow-list: {sorted(n for n in PLATFORM_NAMES if not is_platform(n))}"
     )
     assert all(reason.strip() for reason in PLATFORM_ALLOW_LIST.values())
+
+
+def test_the_deployment_leaves_app_service_authentication_to_say_whether_it_is_on() -> None:
+    """WEBSITE_AUTH_ENABLED makes alertgate believe X-MS-CLIENT-PRINCIPAL-* headers; only App Service,
+    with its authentication on, may set it (as an app setting it would trust forged headers)."""
+    assert "WEBSITE_AUTH_ENABLED" not in deployed_settings()
+    assert "WEBSITE_AUTH_ENABLED" in names_read()
 
 
 def test_the_deployment_sets_the_identity_based_storage_connection() -> None:

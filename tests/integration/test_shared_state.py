@@ -284,7 +284,7 @@ async def test_operation_resource(hosts: HostPool, ctl: EmulatorControl, http) -
         http,
         f"{base}/api/alerts/batchUpdate?code=secret%2Fkey",
         {"alertIds": alerts, "comment": "x"},
-        {"X-MS-CLIENT-PRINCIPAL-NAME": "playbook@contoso.com", "X-MS-CLIENT-PRINCIPAL-ID": "oid-1", **ASYNC},
+        ASYNC,
     )
     assert status == 202
     assert headers["Location"] == f"{base}/api/operations/{body['operationId']}?code=secret%2Fkey"
@@ -292,7 +292,7 @@ async def test_operation_resource(hosts: HostPool, ctl: EmulatorControl, http) -
     assert final == 200
     assert resource["operationId"] == body["operationId"] and resource["status"] == "Succeeded"
     assert resource["source"] == "http" and resource["alertCount"] == 2
-    assert resource["caller"]["principalName"] == "playbook@contoso.com"
+    assert resource["caller"] == {"authentication": "functionKey"}
     assert resource["chunks"][0]["alertIds"] == alerts and resource["chunks"][0]["status"] == "Succeeded"
     assert resource["createdAt"].endswith("Z") and resource["updatedAt"] >= resource["createdAt"]
 
@@ -303,6 +303,45 @@ async def test_function_key_caller_is_recorded(hosts: HostPool, ctl: EmulatorCon
     )
     _, resource = await wait_for_operation(http, headers["Location"])
     assert resource["caller"] == {"authentication": "functionKey"}
+
+
+PRINCIPAL = {
+    "X-MS-CLIENT-PRINCIPAL-NAME": "playbook@contoso.com",
+    "X-MS-CLIENT-PRINCIPAL-ID": "oid-1",
+    "X-MS-CLIENT-PRINCIPAL-IDP": "aad",
+    "X-MS-CLIENT-PRINCIPAL": "eyJhdXRoX3R5cCI6ImFhZCJ9",  # {"auth_typ":"aad"}
+}
+
+
+async def test_forged_principal_headers_are_ignored_without_app_service_authentication(
+    hosts: HostPool, ctl: EmulatorControl, http
+) -> None:
+    """Without App Service authentication nothing strips X-MS-CLIENT-PRINCIPAL-*: any caller with the
+    function key could write them, so the operation records the function key, not the forged name."""
+    status, headers, body = await post(
+        http, hosts.url("/api/alerts/batchUpdate"), {"alertIds": new_ids(1), "status": "New"}, PRINCIPAL
+    )
+    assert status == 200 and "caller" not in body
+    _, resource = await wait_for_operation(http, headers["Location"])
+    assert resource["caller"] == {"authentication": "functionKey"}
+
+
+async def test_principal_headers_are_the_caller_with_app_service_authentication(
+    hosts: HostPool, ctl: EmulatorControl, http
+) -> None:
+    """With it on (App Service sets WEBSITE_AUTH_ENABLED=True, and the headers are its own), they are."""
+    url = hosts.url("/api/alerts/batchUpdate", WEBSITE_AUTH_ENABLED="True")
+    _, headers, _ = await post(http, url, {"alertIds": new_ids(1), "status": "New"}, PRINCIPAL)
+    _, resource = await wait_for_operation(http, headers["Location"])
+    assert resource["caller"] == {
+        "authentication": "entra",
+        "principalName": "playbook@contoso.com",
+        "principalId": "oid-1",
+        "identityProvider": "aad",
+    }
+    _, headers, _ = await post(http, url, {"alertIds": new_ids(1), "status": "New"})
+    _, resource = await wait_for_operation(http, headers["Location"])
+    assert resource["caller"] == {"authentication": "functionKey"}, "no principal: the function key"
 
 
 async def test_unknown_or_malformed_operation_is_404(hosts: HostPool, http) -> None:

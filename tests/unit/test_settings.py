@@ -82,6 +82,20 @@ def test_managed_identity_is_used_where_the_identity_endpoint_is_set() -> None:
     assert not load_settings(BASE).use_managed_identity
 
 
+@pytest.mark.parametrize(
+    ("value", "enabled"), [(None, False), ("True", True), ("true", True), ("False", False)]
+)
+def test_app_service_authentication_is_what_app_service_says(value: str | None, enabled: bool) -> None:
+    env = BASE if value is None else {**BASE, "WEBSITE_AUTH_ENABLED": value}
+    assert load_settings(env).app_service_auth_enabled is enabled
+
+
+def test_a_bad_app_service_authentication_flag_is_named() -> None:
+    with pytest.raises(SettingsError) as exc:
+        load_settings({**BASE, "WEBSITE_AUTH_ENABLED": "sometimes"})
+    assert [name for name, _ in exc.value.problems] == ["WEBSITE_AUTH_ENABLED"]
+
+
 def test_names_read_are_the_designs_settings_plus_the_platforms() -> None:
     from shared.settings import PLATFORM_NAMES, names_read
 
