@@ -48,9 +48,11 @@ WRITE_TOKEN = "WriteToken"
 """The property every write through the seam stamps, so a lost answer can be reconciled by reading back."""
 
 CONNECT_TIMEOUT_SECONDS = 3.0
-READ_TIMEOUT_SECONDS = 6.0
+READ_TIMEOUT_SECONDS = 3.0
 """A Table call normally answers in milliseconds; a connection that a middlebox silently dropped never
-answers. Without a read timeout such a call waits for the SDK's default of 300 s."""
+answers. Without a read timeout such a call waits for the SDK's default of 300 s; with a long one, a
+request whose steps each meet a dead pooled connection outlasts its caller's patience. A slow answer
+cut off here is only retried and reconciled, never lost."""
 
 
 @dataclass(frozen=True)
