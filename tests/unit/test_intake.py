@@ -25,7 +25,6 @@ from tests.unit.upstream_fakes import (
     TokenError,
     answer,
     build,
-    install_virtual_sleep,
     too_large,
     unknown,
 )
@@ -33,13 +32,6 @@ from tests.unit.upstream_fakes import (
 OPERATIONS_URL = "https://gate.example/api/operations/"
 RESOLVE = BatchUpdate((ID1, ID2), AlertUpdate(status="Resolved"))
 REOPEN = BatchUpdate((ID1,), AlertUpdate(status="InProgress"))
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
-    clock = ManualClock()
-    install_virtual_sleep(monkeypatch, clock)
-    return clock
 
 
 def submission(

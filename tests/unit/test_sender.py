@@ -38,20 +38,12 @@ from tests.unit.upstream_fakes import (
     TokenError,
     answer,
     build,
-    install_virtual_sleep,
     not_sent,
     too_large,
     unknown,
 )
 
 COMMENT = {"status": "Resolved", "comment": "closed by the SOC"}
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
-    clock = ManualClock()
-    install_virtual_sleep(monkeypatch, clock)
-    return clock
 
 
 async def spend_budget(rig: Rig) -> Grant:

@@ -15,18 +15,10 @@ from tests.unit.upstream_fakes import (
     Rig,
     answer,
     build,
-    install_virtual_sleep,
     too_large,
 )
 
 COMMENT = {"status": "Resolved", "comment": "closed by the SOC"}
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
-    clock = ManualClock()
-    install_virtual_sleep(monkeypatch, clock)
-    return clock
 
 
 async def queued(rig: Rig, *ids: str, fields: dict[str, str] | None = None) -> Chunk:
