@@ -23,7 +23,7 @@ from emulators.control import max_calls_in_any_window
 from shared.errors import LimiterContentionError
 from shared.ratelimit import Denial, Grant, RateLimiter, parse_log
 from shared.settings import RateWindow
-from shared.storage import StateTable
+from shared.storage import WRITE_TOKEN, StateTable
 
 MakeLimiter = Callable[..., RateLimiter]
 
@@ -229,7 +229,8 @@ class Meddler:
         return await self.inner.create_entity(*args, **kwargs)
 
     async def update_entity(self, entity: dict[str, Any], **kwargs: Any) -> Any:
-        await self.other.upsert_entity({**entity, "Log": ""})
+        theirs = {k: v for k, v in entity.items() if k != WRITE_TOKEN}  # another writer's row, not ours
+        await self.other.upsert_entity({**theirs, "Log": ""})
         return await self.inner.update_entity(entity, **kwargs)
 
 
