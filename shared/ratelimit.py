@@ -378,6 +378,50 @@ class RateLimiter:
         slot_ms, _ = outcome
         return Grant(slot_ms / 1000)
 
+    async def reserve_many(
+        self, count: int, max_wait: float = 0.0, *, lead: float = 0.0
+    ) -> list[Grant] | Denial:
+        """`count` grants in one conditional write, all within `max_wait` (after `lead`), or a Denial with
+        the wait until the last of them would come and nothing written.
+
+        The PATCH channel sends a chunk as one call per alert (docs/contracts.md §7): its pieces go
+        only if every one of them gets a slot in time, so they are taken together or not at all. Each
+        slot follows the one before it exactly as `next_slot` places a single call.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        if not (math.isfinite(max_wait) and max_wait >= 0):
+            raise ValueError("max_wait must be a finite number of seconds, at least 0")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        conflicts = 0
+        while True:
+            async with self._lock:
+                outcome = await self._try_acquire_many(count, max_wait - (loop.time() - started), lead)
+            if outcome is not None:
+                return outcome
+            conflicts += 1
+            self._check_contention(conflicts, loop.time(), started + self.CONTENTION_GRACE_SECONDS)
+            await asyncio.sleep(conflict_jitter(conflicts))
+
+    async def _try_acquire_many(
+        self, count: int, max_wait: float, lead: float
+    ) -> list[Grant] | Denial | None:
+        state = await self._state()
+        now_ms = self._now_ms()
+        earliest_ms = now_ms + math.ceil(lead * 1000)
+        log_ms, slots = list(state.log_ms), []
+        for _ in range(count):
+            slot_ms = next_slot(log_ms, state.blocked_until_ms, earliest_ms, self._windows, self._margin)
+            slots.append(slot_ms)
+            log_ms = record_grant(log_ms, slot_ms, self._windows, self._margin, now_ms=now_ms)
+        wait = (slots[-1] - earliest_ms) / 1000
+        if wait > 0 and wait > max(0.0, max_wait):
+            return Denial(wait)
+        if not await self._write(log_ms, state.blocked_until_ms, state.etag):
+            return None
+        return [Grant(slot / 1000) for slot in slots]
+
     async def wait_for(self, grant: Grant) -> Grant | Denial:
         """Sleep until a reserved slot comes (at once for a grant of now); then the Grant, or a Denial.
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from shared.errors import SettingsError
 
 MAX_IDS_PER_CALL = 900
+MAX_PATCH_ALERTS = 99  # one delete and the one-alert pieces in one transaction (shared.ledger.split)
 MAX_IDS_PER_REQUEST = 50000
 DEFAULT_ALERT_ID_PATTERN = r"^(?:[a-z]{2})?\d{18}_-?\d{1,20}$"
 
@@ -74,6 +75,9 @@ class Settings:
     sentinel_default_assignee: str | None
     sweep_schedule: str
     sweep_grace_seconds: float
+    # The single-alert PATCH channel's own budget (docs/contracts.md §7); None: the channel is off.
+    defender_patch_rate_limits: tuple[RateWindow, ...] | None = None
+    patch_max_alerts: int = 10
     # In Azure (and locally against the identity emulator) the App Service identity endpoint is set;
     # elsewhere a developer's own login is used through DefaultAzureCredential (docs/contracts.md §5).
     use_managed_identity: bool = field(default=False)
@@ -85,6 +89,11 @@ class Settings:
     @property
     def batch_update_url(self) -> str:
         return f"{self.defender_api_base_url}/api/alerts/batchUpdate"
+
+    @property
+    def alerts_url(self) -> str:
+        """The PATCH channel's base: one alert is `{alerts_url}/{id}`."""
+        return f"{self.defender_api_base_url}/api/alerts"
 
 
 class _Reader:
@@ -176,6 +185,16 @@ def parse_rate_limits(text: str) -> tuple[RateWindow, ...]:
     if len({w.seconds for w in windows}) != len(windows):
         raise ValueError("must not name the same window length twice")
     return tuple(sorted(windows, key=lambda w: w.seconds))
+
+
+_DEFAULT_PATCH_LIMITS: tuple[RateWindow, ...] | None = (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+
+
+def parse_optional_rate_limits(text: str) -> tuple[RateWindow, ...] | None:
+    """Like `parse_rate_limits`, or `off` (any case) for a channel turned off."""
+    if text.strip().lower() == "off":
+        return None
+    return parse_rate_limits(text)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -358,6 +377,12 @@ def _load(reader: _Reader) -> Settings:
         sentinel_default_assignee=reader.get("SENTINEL_DEFAULT_ASSIGNEE", None, _assignee),
         sweep_schedule=reader.get("SWEEP_SCHEDULE", "*/30 * * * * *", _ncrontab),
         sweep_grace_seconds=reader.get("SWEEP_GRACE_SECONDS", 60.0, _seconds(0)),
+        defender_patch_rate_limits=reader.get(
+            "DEFENDER_PATCH_RATE_LIMITS",
+            _DEFAULT_PATCH_LIMITS,
+            parse_optional_rate_limits,
+        ),
+        patch_max_alerts=reader.get("PATCH_MAX_ALERTS", 10, _positive_int),
         use_managed_identity=bool(
             reader.raw("IDENTITY_ENDPOINT") or reader.raw("MSI_ENDPOINT") or reader.raw("WEBSITE_INSTANCE_ID")
         ),
@@ -379,12 +404,24 @@ def _load(reader: _Reader) -> Settings:
                 "accepted in one Table Storage transaction (at most 97 chunks)",
             )
         )
-    if any(w.calls > 2000 for w in settings.defender_rate_limits):
+    for name, windows in (
+        ("DEFENDER_RATE_LIMITS", settings.defender_rate_limits),
+        ("DEFENDER_PATCH_RATE_LIMITS", settings.defender_patch_rate_limits or ()),
+    ):
+        if any(w.calls > 2000 for w in windows):
+            reader.problems.append(
+                (
+                    name,
+                    "must allow at most 2000 calls per window: the budget's "
+                    "log of calls is kept in one Table Storage property",
+                )
+            )
+    if settings.patch_max_alerts > MAX_PATCH_ALERTS:
         reader.problems.append(
             (
-                "DEFENDER_RATE_LIMITS",
-                "must allow at most 2000 calls per window: the budget's "
-                "log of calls is kept in one Table Storage property",
+                "PATCH_MAX_ALERTS",
+                f"must be at most {MAX_PATCH_ALERTS}: a chunk's PATCH pieces are marked in one "
+                "Table Storage transaction",
             )
         )
     if settings.requests_queue == settings.chunks_queue:

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from shared.channels.base import Transport
     from shared.channels.batch_update import BatchUpdateChannel
+    from shared.channels.patch import PatchChannel
     from shared.idempotency import IdempotencyStore
     from shared.intake import Intake
     from shared.ledger import Ledger
     from shared.queues import Queues
+    from shared.ratelimit import RateLimiter
     from shared.sender import Sender
-    from shared.settings import Settings
+    from shared.settings import RateWindow, Settings
     from shared.storage import Tables
     from shared.tokens import TokenProvider
     from shared.worker import Worker
@@ -57,6 +59,7 @@ class TenantServices:
     context: TenantContext
     tokens: TokenProvider
     batch_update: BatchUpdateChannel
+    patch: PatchChannel | None  # None when DEFENDER_PATCH_RATE_LIMITS is off
     ledger: Ledger
     keys: IdempotencyStore
     sender: Sender
@@ -76,7 +79,7 @@ def build_tenant(
     queues: Queues,
 ) -> TenantServices:
     """Wire one tenant's services on the process-wide parts."""
-    from shared.channels.batch_update import BUDGET_ROW_KEY, BatchLimit, BatchUpdateChannel
+    from shared.channels import batch_update, patch
     from shared.idempotency import IdempotencyStore
     from shared.intake import Intake
     from shared.ledger import Ledger
@@ -84,19 +87,33 @@ def build_tenant(
     from shared.sender import Sender
     from shared.worker import Worker
 
-    limiter = RateLimiter(
-        tables.budget,
-        settings.defender_rate_limits,
-        settings.rate_limit_safety_margin_seconds,
-        partition_key=context.budget_partition,
-        row_key=BUDGET_ROW_KEY,
-    )
-    batch_limit = BatchLimit(
+    def limiter(windows: tuple[RateWindow, ...], row_key: str) -> RateLimiter:
+        return RateLimiter(
+            tables.budget,
+            windows,
+            settings.rate_limit_safety_margin_seconds,
+            partition_key=context.budget_partition,
+            row_key=row_key,
+        )
+
+    batch_limit = batch_update.BatchLimit(
         settings.defender_max_alerts_per_call, tables.budget, partition_key=context.budget_partition
     )
-    channel = BatchUpdateChannel(
-        transport, settings.batch_update_url, limiter, batch_limit, settings.defender_enum_overrides
+    channel = batch_update.BatchUpdateChannel(
+        transport,
+        settings.batch_update_url,
+        limiter(settings.defender_rate_limits, batch_update.BUDGET_ROW_KEY),
+        batch_limit,
+        settings.defender_enum_overrides,
     )
+    single: patch.PatchChannel | None = None
+    if settings.defender_patch_rate_limits is not None:
+        single = patch.PatchChannel(
+            transport,
+            settings.alerts_url,
+            limiter(settings.defender_patch_rate_limits, patch.BUDGET_ROW_KEY),
+            settings.defender_enum_overrides,
+        )
     ledger = Ledger(tables.operations, partition=context.ledger_partition)
     keys = IdempotencyStore(
         tables.keys,
@@ -107,7 +124,15 @@ def build_tenant(
         + settings.sweep_grace_seconds,
         key_space=context.key_space,
     )
-    sender = Sender(settings, ledger, channel, tokens, queues)
+    sender = Sender(settings, ledger, channel, tokens, queues, patch=single)
     return TenantServices(
-        context, tokens, channel, ledger, keys, sender, Worker(sender), Intake(settings, keys, ledger, sender)
+        context,
+        tokens,
+        channel,
+        single,
+        ledger,
+        keys,
+        sender,
+        Worker(sender),
+        Intake(settings, keys, ledger, sender),
     )

@@ -124,5 +124,7 @@ def test_names_read_are_the_designs_settings_plus_the_platforms() -> None:
         "SENTINEL_DEFAULT_ASSIGNEE",
         "SWEEP_SCHEDULE",
         "SWEEP_GRACE_SECONDS",
+        "DEFENDER_PATCH_RATE_LIMITS",
+        "PATCH_MAX_ALERTS",
     }
     assert names_read() >= PLATFORM_NAMES
