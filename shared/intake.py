@@ -249,17 +249,14 @@ class Intake:
         `held` and `answer_for` go with the first try of the first chunk only (see Sender.attempt).
         """
         if respond_async:
-            for chunk in chunks:
-                await self.sender.schedule(chunk, 0.0)
-            return chunks
+            return [await self.sender.schedule(chunk, 0.0) or chunk for chunk in chunks]
         deadline = self._clock() + self.settings.sync_max_wait_seconds
         todo, seen = list(chunks), list[Chunk]()
         while todo:
             chunk = todo.pop(0)
             remaining = deadline - self._clock()
             if remaining < 0 and seen:  # the first chunk is always tried (without waiting, if need be)
-                await self.sender.schedule(chunk, 0.0)
-                seen.append(chunk)
+                seen.append(await self.sender.schedule(chunk, 0.0) or chunk)
                 continue
             attempt = await self.sender.attempt(
                 chunk, max_wait=max(0.0, remaining), held=held, answer_for=answer_for
@@ -268,9 +265,7 @@ class Intake:
             if attempt.kind is AttemptKind.SPLIT:
                 todo[:0] = attempt.pieces
                 continue
-            if attempt.kind is AttemptKind.DEFERRED:
-                await self.sender.schedule(attempt.chunk, attempt.delay)
-            seen.append(attempt.chunk)
+            seen.extend(await self.sender.follow_up(attempt))
         return seen
 
     def _answer(self, operation: Operation, chunks: list[Chunk], sub: Submission) -> ApiResponse:

@@ -59,6 +59,7 @@ from shared.storage import conditional
 if TYPE_CHECKING:
     from azure.data.tables import TableEntity
 
+    from shared.coalescing import PendingView
     from shared.storage import StateStore
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,10 @@ class Chunk:
     answer: str = ""  # the synchronous caller's answer, stored with the chunk's end (shared.intake)
     etag: str | None = None
     partition: str = PARTITION
+    channel: str = ""  # the MDE API of its latest call (shared.channels): "batchUpdate" or "patch"
+    call_id: str = ""  # that call's id, shared by every member of a coalesced call
+    solo: bool = False  # never coalesced: sent apart after a coalesced call MDE refused (shared.coalescing)
+    expected_at: float = 0.0  # when its next call is expected (epoch s): what Retry-After tells a poller
 
     @property
     def has_comment(self) -> bool:
@@ -226,6 +231,10 @@ class Chunk:
             answer=e.get("Answer", ""),
             etag=metadata.get("etag"),
             partition=e.get("PartitionKey", PARTITION),
+            channel=e.get("Channel", ""),
+            call_id=e.get("CallId", ""),
+            solo=bool(e.get("Solo", False)),
+            expected_at=float(e.get("ExpectedAt", 0.0)),
         )
 
     def _common(self) -> dict[str, Any]:
@@ -242,6 +251,8 @@ class Chunk:
             entity["LastError"] = json.dumps(self.last_error, ensure_ascii=False)[:8000]
         if self.answer:
             entity["Answer"] = self.answer
+        if self.call_id:
+            entity["Channel"], entity["CallId"] = self.channel, self.call_id
         return entity
 
     def pending_entity(self) -> dict[str, Any]:
@@ -254,6 +265,8 @@ class Chunk:
             "MsgToken": self.msg_token,
             "MsgDueAt": self.msg_due_at,
             "FreshToken": self.fresh_token,
+            "Solo": self.solo,
+            "ExpectedAt": self.expected_at,
         }
 
     def finished_pending_entity(self) -> dict[str, Any]:
@@ -473,6 +486,14 @@ class Ledger:
                 return Chunk(entity["RowKey"][2:], entity["OperationId"], (), {}, 0.0)
         return None
 
+    async def pending_view(self) -> PendingView:
+        """Every unfinished pending entry, in order, as one read: what the order check, the choice of
+        channel and coalescing decide from (shared.coalescing)."""
+        from shared.coalescing import PendingView
+
+        entities = await self._table.query(_UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."))
+        return PendingView([Chunk.from_entity(e) for e in entities], self._clock())
+
     async def changed_since(self, seq: int, digest: str, alert_ids: Iterable[str]) -> bool:
         """Was a different update for any of these alerts accepted after `seq`? (derived keys: A, B, A)"""
         mine = _split_fingerprints(fingerprints(alert_ids))
@@ -497,6 +518,50 @@ class Ledger:
             return None
         updated.etag = etag
         return updated
+
+    async def update_together(
+        self, chunks: Sequence[Chunk], change: Callable[[Chunk], dict[str, Any]]
+    ) -> list[Chunk] | None:
+        """Change several pending chunks in one transaction, each only if nobody changed it since it was
+        read: all of them or none (None). The members of one call are marked Sending so, and no other
+        sender can take one of them meanwhile (docs/contracts.md §7)."""
+        if len(chunks) == 1:
+            one = await self.update_pending(chunks[0], **change(chunks[0]))
+            return None if one is None else [one]
+        now = self._clock()
+        updated = [dataclasses.replace(c, **change(c), updated_at=now) for c in chunks]
+        ops = [
+            conditional("update", u.pending_entity(), c.etag) for u, c in zip(updated, chunks, strict=True)
+        ]
+        results = await self._table.transact(ops)
+        if results is None:
+            return None
+        for chunk, etag in zip(updated, results, strict=True):
+            chunk.etag = etag
+        return updated
+
+    async def finish_together(
+        self,
+        chunks: Sequence[Chunk],
+        result: ChunkResult,
+        answer_status: int,
+        error: dict[str, Any] | None,
+        *,
+        answer_for: Callable[[Chunk], str] | None = None,
+    ) -> list[Chunk] | None:
+        """Record one outcome for every member of a call in place, in one transaction (the sweep settles
+        them); None if any of them changed meanwhile (then each is recorded on its own by `finish`).
+        `answer_for` builds the first chunk's kept answer, as in `finish`."""
+        ended = [self.ended(c, result, answer_status, error) for c in chunks]
+        if answer_for is not None:
+            ended[0].answer = answer_for(ended[0])
+        ops = [conditional("update", e.finished_pending_entity(), e.etag) for e in ended]
+        results = await self._table.transact(ops)
+        if results is None:
+            return None
+        for chunk, etag in zip(ended, results, strict=True):
+            chunk.etag = etag
+        return ended
 
     def ended(
         self, chunk: Chunk, result: ChunkResult, answer_status: int, error: dict[str, Any] | None

@@ -60,6 +60,8 @@ def chunk_resource(chunk: Chunk, *, with_ids: bool = True) -> dict[str, Any]:
     }
     if with_ids:
         document = {"alertIds": list(chunk.alert_ids), **document}
+    if chunk.call_id:
+        document["channel"], document["callId"] = chunk.channel, chunk.call_id
     if chunk.last_error is not None:
         document["lastError"] = chunk.last_error
     return document
@@ -101,11 +103,13 @@ def worst_error(chunks: list[Chunk]) -> dict[str, Any] | None:
 
 
 def retry_after_seconds(chunks: list[Chunk], now: float | None = None) -> int:
-    """When polling again makes sense: the next chunk that is due, between 1 and 60 seconds."""
+    """When polling again makes sense (docs/contracts.md §7): when the last pending chunk is expected to
+    go out (its reserved or estimated slot, or the end of its back-off), between 1 and 60 seconds. A
+    chunk whose expected time has passed, or that has none yet, is due now."""
     now = time.time() if now is None else now
-    due = [max(c.not_before, c.msg_due_at) - now for c in chunks if not c.finished]
-    soonest = min(due, default=1.0)
-    return int(min(60, max(1, math.ceil(soonest))))
+    due = [max(c.not_before, c.expected_at) - now for c in chunks if not c.finished]
+    latest = max(due, default=1.0)
+    return int(min(60, max(1, math.ceil(latest))))
 
 
 def is_operation_id(text: str) -> bool:

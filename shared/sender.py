@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.channels.base import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError, bearer
+from shared.coalescing import alert_ids_of, named_in
 from shared.errors import StorageUnavailable
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Denial, Grant
 
 if TYPE_CHECKING:
     from shared.channels import Channel
+    from shared.coalescing import PendingView
     from shared.ledger import Ledger
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
@@ -61,6 +63,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
+# How old the read of the pending entries made for the order check may be and still choose a call's
+# members: a member changed since is caught by the conditional mark (the chunk then goes alone).
+VIEW_REUSE_SECONDS = 0.5
+# PATCH goes only if every piece's slot is strictly before batchUpdate's next one (on a tie, batchUpdate).
+PATCH_TIE_SECONDS = 0.001
 MAX_BACKOFF_SECONDS = 300.0
 # How far ahead the queue worker reserves budget and waits for it in process (RateLimiter.reserve). It is
 # longer than the queue's own granularity (whole-second visibility delays, polling up to
@@ -92,7 +99,8 @@ AnswerHook = Callable[[Chunk], str]
 class AttemptKind(enum.Enum):
     FINISHED = "finished"  # the chunk reached a terminal state
     DEFERRED = "deferred"  # try again after `delay`
-    SPLIT = "split"  # replaced by smaller pieces
+    SPLIT = "split"  # replaced by smaller pieces, none of them tried yet
+    PIECES = "pieces"  # replaced by one-alert pieces sent by PATCH: `parts` holds each one's try
     LOST = "lost"  # someone else changed the chunk first: they own it now
 
 
@@ -102,6 +110,17 @@ class Attempt:
     chunk: Chunk
     delay: float = 0.0
     pieces: list[Chunk] = field(default_factory=list)
+    parts: list[Attempt] = field(default_factory=list)
+    # DEFERRED: when its call is expected, in seconds from now, if later than `delay` (a chunk waiting
+    # for budget comes back from the queue before its slot, to reserve it): what Retry-After says.
+    expected_in: float | None = None
+
+
+@dataclass(frozen=True)
+class PatchGrants:
+    """Grants of the PATCH channel for every alert of a chunk, each before batchUpdate's next slot."""
+
+    grants: list[Grant]
 
 
 def backoff(attempts: int, retry_after: float | None) -> float:
@@ -128,6 +147,7 @@ class _Try:
     rejected: str | None = None  # the token MDE answered 401 to
     first: bool = True  # the first budget request (it may check the order and wait)
     stale: int = 0  # grants given up for age so far
+    view: PendingView | None = None  # the pending entries as read for the order check
 
     def usable_held(self) -> Grant | None:
         """The grant asked for beside accepting, usable only by a chunk accepted marked Sending."""
@@ -160,10 +180,13 @@ class Sender:
         tokens: TokenProvider,
         queues: Queues,
         clock: Callable[[], float] = time.time,
+        *,
+        patch: Channel | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.channel = channel
+        self.patch = patch  # the single-alert channel (docs/contracts.md §7), None when it is off
         self.tokens = tokens
         self.queues = queues
         self._clock = clock
@@ -208,28 +231,31 @@ class Sender:
             if isinstance(token, CallResult):
                 return await self._retry_later(state.chunk, token, answer_for)
             granted = grant or await self._budget(state)
+            if isinstance(granted, PatchGrants):
+                return await self._send_by_patch(state, granted, token)
             if not isinstance(granted, Grant):
                 return granted
-            sending = await self._mark(state, granted)
-            if isinstance(sending, Attempt):
-                return sending
-            blocked = await self._await_slot(sending, granted)
+            members = await self._mark(state, granted)
+            if isinstance(members, Attempt):
+                return members
+            blocked = await self._await_slot(members, granted)
             if blocked is not None:
                 return blocked
             if self._clock() - granted.at > self.max_grant_age:
-                gone_stale = await self._grant_went_stale(sending, granted)
+                gone_stale = await self._grant_went_stale(members, granted)
                 if gone_stale.kind is AttemptKind.DEFERRED and state.retry_after_stale_grant(
                     gone_stale.chunk
                 ):
                     continue
                 return gone_stale
-            result = await self.channel.send(sending.alert_ids, sending.fields, token)
+            sending = members[0]
+            result = await self.channel.send(alert_ids_of(members), sending.fields, token)
             if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
-                lost = await self._fresh_token_next(state, sending, token)
+                lost = await self._fresh_token_next(state, members, token)
                 if lost is not None:
                     return lost
                 continue
-            return await self._record(sending, result, answer_for)
+            return await self._record_call(members, result, answer_for)
 
     # --- the steps of an attempt ---------------------------------------------------------------------
 
@@ -251,55 +277,89 @@ class Sender:
         state.chunk = unmarked
         return None
 
-    async def _budget(self, state: _Try) -> Grant | Attempt:
-        """A grant, or the Attempt that defers the chunk: behind an earlier update of one of its alerts, or
-        denied budget. The first round checks the order (unless done before accepting) and may wait;
-        after a fresh token the call goes now or not at all."""
+    async def _budget(self, state: _Try) -> Grant | PatchGrants | Attempt:
+        """A grant (of batchUpdate, or PATCH grants for each alert), or the Attempt that defers the chunk:
+        behind an earlier update of one of its alerts, or denied budget. The first round checks the
+        order (unless done before accepting) and may wait; after a fresh token the call goes now by
+        batchUpdate or not at all."""
         if state.first:
-            grant = await self._ordered_grant(
-                state.chunk,
-                state.max_wait,
-                check_order=not state.order_checked,
-                held=state.held,
-                lead=state.lead,
-            )
+            grant = await self._ordered_grant(state)
         else:
             grant = await self.limiter.reserve(0.0, lead=state.lead)
         state.first = False
         if grant is None:
             return Attempt(AttemptKind.DEFERRED, state.chunk, ORDER_WAIT_SECONDS)
         if isinstance(grant, Denial):
-            return Attempt(AttemptKind.DEFERRED, state.chunk, self.requeue_delay(grant.wait_seconds))
+            wait = grant.wait_seconds
+            return Attempt(AttemptKind.DEFERRED, state.chunk, self.requeue_delay(wait), expected_in=wait)
         return grant
 
-    async def _mark(self, state: _Try, grant: Grant) -> Chunk | Attempt:
-        """The chunk marked Sending before its slot (already marked if accepted so); LOST if someone else
-        changed it meanwhile, and then the grant goes back: no call was made."""
+    async def _mark(self, state: _Try, grant: Grant) -> list[Chunk] | Attempt:
+        """The call's members marked Sending before its slot: the chunk (already marked if accepted so)
+        and the chunks that ride its call (shared.coalescing); LOST if someone else changed the chunk
+        meanwhile, and then the grant goes back: no call was made."""
         state.first = False
         if state.chunk.state == PendingState.SENDING:
-            return state.chunk
-        sending = await self._mark_sending(state.chunk, grant)
-        if sending is None:
+            return [state.chunk]
+        members = await self._mark_call(state, grant)
+        if members is None:
             await self._release(grant)
             return Attempt(AttemptKind.LOST, state.chunk)
-        return sending
+        return members
 
-    async def _await_slot(self, sending: Chunk, grant: Grant) -> Attempt | None:
+    async def _mark_call(self, state: _Try, grant: Grant) -> list[Chunk] | None:
+        """Mark the chunk and the chunks that ride its call Sending in one conditional transaction,
+        MARK_LEAD_SECONDS before the slot (see `_mark_sending`); coalescing takes only what is waiting
+        already (a call is never delayed to gather members). If one of the others changed since the
+        read, the chunk goes alone. None if the chunk itself changed."""
+        chunk = state.chunk
+        early = grant.at - MARK_LEAD_SECONDS - self._clock()
+        if early > 0:
+            await asyncio.sleep(early)
+        others: list[Chunk] = []
+        if not chunk.solo:
+            view = state.view
+            if view is None or self._clock() - view.now > VIEW_REUSE_SECONDS:
+                view = await self.ledger.pending_view()
+            others = view.members_for(chunk, await self.channel.max_alerts())
+        call_id, now = uuid.uuid4().hex, self._clock()
+
+        def sending(c: Chunk) -> dict[str, Any]:
+            return {
+                "state": PendingState.SENDING,
+                "sending_since": now,
+                "attempts": c.attempts + 1,
+                "channel": self.channel.name,
+                "call_id": call_id,
+            }
+
+        marked = await self.ledger.update_together([chunk, *others], sending)
+        if marked is None and others:
+            marked = await self.ledger.update_together([chunk], sending)
+        elif others:
+            log.info("chunk %s carries %d other chunks in call %s", chunk.chunk_id, len(others), call_id)
+        return marked
+
+    async def _await_slot(self, members: list[Chunk], grant: Grant) -> Attempt | None:
         """Wait for the grant's slot; None when it came. A 429 block that came up meanwhile defers the
-        chunk (its mark given back: no call was made)."""
+        call's members (their marks given back: no call was made)."""
         slot = await self.limiter.wait_for(grant)
         if isinstance(slot, Denial):
-            unmarked = await self._unmark(sending)
+            delay = self.requeue_delay(slot.wait_seconds)
+            unmarked = await self._give_back(members, delay)
             if unmarked is None:
-                return Attempt(AttemptKind.LOST, sending)
-            return Attempt(AttemptKind.DEFERRED, unmarked, self.requeue_delay(slot.wait_seconds))
+                return Attempt(AttemptKind.LOST, members[0])
+            return Attempt(AttemptKind.DEFERRED, unmarked, delay, expected_in=slot.wait_seconds)
         return None
 
-    async def _fresh_token_next(self, state: _Try, sending: Chunk, token: str) -> Attempt | None:
-        """MDE answered 401: once more, now, with a token fetched fresh (the 401 spent no MDE work)."""
+    async def _fresh_token_next(self, state: _Try, members: list[Chunk], token: str) -> Attempt | None:
+        """MDE answered 401: once more, now, with a token fetched fresh (the 401 spent no MDE work). The
+        chunk tries alone; the others of its call go back to wait for their own turn."""
+        sending = members[0]
         log.warning(
             "chunk %s: MDE answered 401; retrying once with a freshly fetched token", sending.chunk_id
         )
+        await self._give_back(members[1:], 0.0, queue_first=True)
         retry = await self.ledger.update_pending(
             sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
         )
@@ -307,6 +367,35 @@ class Sender:
             return Attempt(AttemptKind.LOST, sending)
         state.chunk, state.max_wait, state.rejected = retry, 0.0, token
         return None
+
+    async def _give_back(
+        self, members: list[Chunk], delay: float, *, queue_first: bool = False, **changes: Any
+    ) -> Chunk | None:
+        """Members of a call that is not going to be made (or whose answer was no verdict on them) go
+        back to Pending, the attempt not counted; all but the first are queued again after `delay` (their
+        own messages would wait for the Sending mark's lease), the first too with `queue_first`. Returns
+        the first as it is now, None if someone else changed it."""
+        if not members:
+            return None
+
+        def pending(c: Chunk) -> dict[str, Any]:
+            return {
+                "state": PendingState.PENDING,
+                "sending_since": 0.0,
+                "attempts": max(0, c.attempts - 1),
+                **changes,
+            }
+
+        back: list[Chunk | None] = []
+        together = await self.ledger.update_together(members, pending) if len(members) > 1 else None
+        if together is not None:
+            back = list(together)
+        else:
+            back = [await self.ledger.update_pending(c, **pending(c)) for c in members]
+        for other in back if queue_first else back[1:]:
+            if other is not None:
+                await self.schedule(other, delay)
+        return back[0]
 
     @property
     def worker_wait(self) -> float:
@@ -334,10 +423,10 @@ class Sender:
             log.warning("budget request alongside accepting failed; asking again after", exc_info=True)
             return None
 
-    async def _release(self, grant: Grant) -> None:
+    async def _release(self, grant: Grant, channel: Channel | None = None) -> None:
         """Give back a grant whose call was not made; if that fails, the budget is only spent unused."""
         try:
-            await self.limiter.release(grant)
+            await (channel or self.channel).limiter.release(grant)
         except Exception:
             log.warning("an unused grant could not be given back (its budget stays spent)", exc_info=True)
 
@@ -361,27 +450,23 @@ class Sender:
             chunk, state=PendingState.PENDING, sending_since=0.0, attempts=max(0, chunk.attempts - 1)
         )
 
-    async def _ordered_grant(
-        self,
-        chunk: Chunk,
-        max_wait: float,
-        *,
-        check_order: bool = True,
-        held: Grant | Denial | None = None,
-        lead: float = 0.0,
-    ) -> Grant | Denial | None:
-        """A grant for `chunk`, or None while an earlier pending update touches one of its alerts.
+    async def _ordered_grant(self, state: _Try) -> Grant | PatchGrants | Denial | None:
+        """A grant for the chunk, or None while an earlier pending update touches one of its alerts.
 
-        The order check and a first, non-waiting budget request (or the one the caller `held`) run side
-        by side: one round trip instead of two on the synchronous path. When the chunk turns out to be
-        blocked, a grant it got is given back (RateLimiter.release).
+        The order check (one read of the pending entries, kept for coalescing) and a first, non-waiting
+        budget request (or the one the caller held) run side by side: one round trip instead of two on
+        the synchronous path. When the chunk turns out to be blocked, a grant it got is given back
+        (RateLimiter.release). When batchUpdate has no budget now, the PATCH channel may take the chunk
+        (`_patch_grants`); otherwise a batchUpdate slot is reserved within the wait allowed.
         """
+        chunk, lead = state.chunk, state.lead
 
         async def first_budget() -> Grant | Denial:
-            return held if held is not None else await self.limiter.reserve(0.0, lead=lead)
+            return state.held if state.held is not None else await self.limiter.reserve(0.0, lead=lead)
 
-        if check_order:
-            blocker, grant = await asyncio.gather(self.ledger.blocked_by_earlier(chunk), first_budget())
+        if not state.order_checked:
+            view, grant = await asyncio.gather(self.ledger.pending_view(), first_budget())
+            state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
                 if isinstance(grant, Grant):
                     log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
@@ -389,9 +474,35 @@ class Sender:
                 return None
         else:
             grant = await first_budget()
-        if isinstance(grant, Denial) and max_wait > 0:
-            return await self.limiter.reserve(max_wait, lead=lead)
+        if not isinstance(grant, Denial):
+            return grant
+        by_patch = await self._patch_grants(state, grant.wait_seconds)
+        if isinstance(by_patch, PatchGrants):
+            return by_patch
+        if state.max_wait > 0:
+            grant = await self.limiter.reserve(state.max_wait, lead=lead)
+        if isinstance(grant, Denial) and by_patch is not None:
+            return Denial(min(grant.wait_seconds, by_patch.wait_seconds))
         return grant
+
+    async def _patch_grants(self, state: _Try, batch_wait: float) -> PatchGrants | Denial | None:
+        """PATCH grants for each of the chunk's alerts, if it should go that way (docs/contracts.md §7):
+        the channel is on, the chunk has at most PATCH_MAX_ALERTS alerts, it would not ride a batchUpdate
+        call with other chunks (an identical update waits: that call carries it for nothing), and every
+        piece gets a PATCH slot strictly before batchUpdate's next one (on a tie, batchUpdate) and within
+        the wait allowed. A Denial says when PATCH budget would come; None: not a PATCH chunk."""
+        chunk = state.chunk
+        if self.patch is None or len(chunk.alert_ids) > self.settings.patch_max_alerts:
+            return None
+        if state.view is None:
+            state.view = await self.ledger.pending_view()
+        if state.view.has_peer(chunk):
+            return None
+        within = min(state.max_wait, batch_wait - PATCH_TIE_SECONDS)
+        if within < 0:
+            return None
+        grants = await self.patch.limiter.reserve_many(len(chunk.alert_ids), within, lead=state.lead)
+        return grants if isinstance(grants, Denial) else PatchGrants(grants)
 
     @property
     def max_grant_age(self) -> float:
@@ -406,12 +517,13 @@ class Sender:
         margin = self.settings.rate_limit_safety_margin_seconds
         return margin / 2 if margin > 0 else float("inf")
 
-    async def _grant_went_stale(self, sending: Chunk, grant: Grant) -> Attempt:
+    async def _grant_went_stale(
+        self, members: list[Chunk], grant: Grant, channel: Channel | None = None
+    ) -> Attempt:
+        sending = members[0]
         log.info("chunk %s: grant too old when its call would start; trying again", sending.chunk_id)
-        pending = await self.ledger.update_pending(
-            sending, state=PendingState.PENDING, sending_since=0.0, attempts=sending.attempts - 1
-        )
-        await self._release(grant)  # no call was made: the budget goes back
+        pending = await self._give_back(members, STALE_GRANT_RETRY_SECONDS)
+        await self._release(grant, channel)  # no call was made: the budget goes back
         if pending is None:
             return Attempt(AttemptKind.LOST, sending)
         return Attempt(AttemptKind.DEFERRED, pending, STALE_GRANT_RETRY_SECONDS)
@@ -424,13 +536,18 @@ class Sender:
         return Attempt(AttemptKind.SPLIT, chunk, pieces=pieces)
 
     async def _record(
-        self, chunk: Chunk, result: CallResult, answer_for: AnswerHook | None = None
+        self,
+        chunk: Chunk,
+        result: CallResult,
+        answer_for: AnswerHook | None = None,
+        channel: Channel | None = None,
     ) -> Attempt:
+        channel = channel or self.channel
         kind = result.kind
         error = result.error.as_dict() if result.error else None
         if kind is CallKind.OK:
             return await self._finish(chunk, ChunkResult.SUCCEEDED, 200, None, answer_for)
-        size = await self.channel.learn_limit(result, len(chunk.alert_ids))
+        size = await channel.learn_limit(result, len(chunk.alert_ids))
         if size is not None:
             return await self._split(chunk, size)
         if kind in (CallKind.PERMANENT, CallKind.BATCH_TOO_LARGE):
@@ -445,8 +562,215 @@ class Sender:
         ):
             return await self._finish(chunk, ChunkResult.OUTCOME_UNKNOWN, 504, error, answer_for)
         if result.error is not None and result.error.http_status == 429:
-            await self.limiter.block(result.retry_after if result.retry_after is not None else 1.0)
+            await self._blocked(channel, result)
         return await self._retry_later(chunk, result, answer_for)
+
+    async def _blocked(self, channel: Channel, result: CallResult) -> None:
+        """MDE answered 429 although this channel's budget granted the call: block the channel (every
+        instance) for its Retry-After. Whether MDE counts the two APIs apart is undocumented; a 429 the
+        channel's own budget did not predict may mean it counts them together, so say so."""
+        log.warning(
+            "MDE answered 429 on the %s channel although its budget had room; if this repeats, MDE may "
+            "count batchUpdate and PATCH calls together (docs/contracts.md §7): lower "
+            "DEFENDER_RATE_LIMITS / DEFENDER_PATCH_RATE_LIMITS, or turn PATCH off",
+            channel.name,
+        )
+        await channel.limiter.block(result.retry_after if result.retry_after is not None else 1.0)
+
+    async def _record_call(
+        self, members: list[Chunk], result: CallResult, answer_for: AnswerHook | None = None
+    ) -> Attempt:
+        """Record a batchUpdate call's answer for each of its members (docs/contracts.md §7); the first
+        member's Attempt is returned, the others' next tries are queued here.
+
+        - 200, 403 and a 400 that is a verdict on the update itself: every member ends alike (one
+          transaction in place when they can, each on its own otherwise);
+        - a 404, or a 400 naming alert ids, is no verdict on the others: members whose alerts MDE names
+          end Failed with its answer, the others are sent again (apart, if MDE named none);
+        - MaximumBatchSizeExceeded: the limit is learned and the members wait for calls re-formed;
+        - 429, 5xx, not sent, no answer: each member by the rules of one chunk (back-off, outcome unknown).
+        """
+        if len(members) == 1:
+            return await self._record(members[0], result, answer_for)
+        kind, error = result.kind, (result.error.as_dict() if result.error else None)
+        if kind is CallKind.OK:
+            return await self._finish_all(members, ChunkResult.SUCCEEDED, 200, None, answer_for)
+        if kind is CallKind.FORBIDDEN or kind is CallKind.UNAUTHORIZED:
+            hinted = with_role_hint(result.error).as_dict()
+            return await self._finish_all(members, ChunkResult.FAILED, 502, hinted, answer_for)
+        if kind is CallKind.BATCH_TOO_LARGE:
+            await self.channel.learn_limit(result, len(alert_ids_of(members)))
+            return await self._members_again(members, solo=False)
+        if kind is CallKind.PERMANENT:
+            message = result.error.message if result.error else ""
+            refused = named_in(message, members)
+            status = result.error.http_status if result.error else None
+            if status != 404 and not refused:
+                return await self._finish_all(members, ChunkResult.FAILED, 422, error, answer_for)
+            return await self._isolate(members, refused, error, answer_for)
+        if result.error is not None and result.error.http_status == 429:
+            await self._blocked(self.channel, result)
+        parts = await asyncio.gather(
+            *(self._record_member(m, result, answer_for if n == 0 else None) for n, m in enumerate(members))
+        )
+        for part in parts[1:]:
+            await self.follow_up(part)
+        return parts[0]
+
+    async def _record_member(
+        self, member: Chunk, result: CallResult, answer_for: AnswerHook | None
+    ) -> Attempt:
+        """One member of a coalesced call that got no verdict (429, 5xx, not sent, no answer), by the
+        rules of one chunk; a 429 has blocked the channel once already."""
+        if (
+            result.kind is CallKind.OUTCOME_UNKNOWN
+            and member.has_comment
+            and not self.settings.resend_unknown_with_comment
+        ):
+            error = result.error.as_dict() if result.error else None
+            return await self._finish(member, ChunkResult.OUTCOME_UNKNOWN, 504, error, answer_for)
+        return await self._retry_later(member, result, answer_for)
+
+    async def _finish_all(
+        self,
+        members: list[Chunk],
+        result: ChunkResult,
+        status: int,
+        error: dict[str, Any] | None,
+        answer_for: AnswerHook | None,
+    ) -> Attempt:
+        """One end for every member: one transaction in place (the sweep settles it), or, if one of them
+        changed meanwhile (the sweep took a stale mark), each on its own."""
+        done = await self._persisting(
+            lambda: self.ledger.finish_together(members, result, status, error, answer_for=answer_for)
+        )
+        if done is not None:
+            log.info("call %s: %d chunks %s", members[0].call_id, len(members), result)
+            return Attempt(AttemptKind.FINISHED, done[0])
+        ends = [
+            await self._finish(m, result, status, error, answer_for if n == 0 else None)
+            for n, m in enumerate(members)
+        ]
+        return ends[0]
+
+    async def _members_again(self, members: list[Chunk], *, solo: bool) -> Attempt:
+        """The call's answer was no verdict on its members: all go back to Pending, the attempt not
+        counted, to go out again at once (`solo`: each in a call of its own)."""
+        changes: dict[str, Any] = {"solo": True} if solo else {}
+        first = await self._give_back(members, 0.0, **changes)
+        if first is None:
+            return Attempt(AttemptKind.LOST, members[0])
+        return Attempt(AttemptKind.DEFERRED, first, 0.0)
+
+    async def _isolate(
+        self,
+        members: list[Chunk],
+        refused: list[Chunk],
+        error: dict[str, Any] | None,
+        answer_for: AnswerHook | None,
+    ) -> Attempt:
+        """A coalesced call MDE refused for some alert: the members whose alerts it names end Failed with
+        its answer; the others go out again, apart from each other if it named none. (A refused call
+        applied nothing: docs/contracts.md §7.)"""
+        log.warning(
+            "call %s of %d chunks refused (%s); %d named, the others go out again%s",
+            members[0].call_id,
+            len(members),
+            (error or {}).get("code"),
+            len(refused),
+            " apart" if not refused else "",
+        )
+        lead, named = members[0], {m.chunk_id for m in refused}
+        lead_attempt: Attempt | None = None
+        for member in refused:
+            ended = await self._finish(
+                member, ChunkResult.FAILED, 422, error, answer_for if member is lead else None
+            )
+            if member is lead:
+                lead_attempt = ended
+        rest = [m for m in members if m.chunk_id not in named]
+        if not rest:
+            assert lead_attempt is not None
+            return lead_attempt
+        again = await self._members_again(rest, solo=not refused)
+        if lead_attempt is None:  # the lead goes again: its try is the caller's to follow up
+            return again
+        await self.follow_up(again)
+        return lead_attempt
+
+    async def _send_by_patch(self, state: _Try, patch: PatchGrants, token: str) -> Attempt:
+        """Send the chunk as one PATCH call per alert (docs/contracts.md §7): split into one-alert pieces
+        that keep its place in the order, all marked Sending in one transaction before the first slot,
+        then each call at its own slot, each with its own outcome."""
+        assert self.patch is not None
+        channel, chunk = self.patch, state.chunk
+        split = len(chunk.alert_ids) > 1
+        pieces = await self.ledger.split(chunk, 1) if split else [chunk]
+        if pieces is None:
+            await self._release_all(patch.grants, channel)
+            return Attempt(AttemptKind.LOST, chunk)
+        early = patch.grants[0].at - MARK_LEAD_SECONDS - self._clock()
+        if early > 0:
+            await asyncio.sleep(early)
+        now = self._clock()
+        marked = await self.ledger.update_together(
+            pieces,
+            lambda p: {
+                "state": PendingState.SENDING,
+                "sending_since": now,
+                "attempts": p.attempts + 1,
+                "channel": channel.name,
+                "call_id": uuid.uuid4().hex,
+            },
+        )
+        if marked is None:
+            await self._release_all(patch.grants, channel)
+            return (
+                Attempt(AttemptKind.SPLIT, chunk, pieces=pieces)
+                if split
+                else Attempt(AttemptKind.LOST, chunk)
+            )
+        answer = None if split else state.answer_for
+        parts = list(
+            await asyncio.gather(
+                *(
+                    self._patch_one(piece, grant, token, answer)
+                    for piece, grant in zip(marked, patch.grants, strict=True)
+                )
+            )
+        )
+        if not split:
+            return parts[0]
+        return Attempt(AttemptKind.PIECES, chunk, pieces=[p.chunk for p in parts], parts=parts)
+
+    async def _patch_one(
+        self, piece: Chunk, grant: Grant, token: str, answer_for: AnswerHook | None
+    ) -> Attempt:
+        """One piece's PATCH call at its grant's slot, and its outcome. A 401 sends it back to try again
+        with a token fetched fresh (by either channel)."""
+        assert self.patch is not None
+        slot = await self.patch.limiter.wait_for(grant)
+        if isinstance(slot, Denial):
+            delay = self.requeue_delay(slot.wait_seconds)
+            back = await self._unmark(piece)
+            if back is None:
+                return Attempt(AttemptKind.LOST, piece)
+            return Attempt(AttemptKind.DEFERRED, back, delay, expected_in=slot.wait_seconds)
+        if self._clock() - grant.at > self.max_grant_age:
+            return await self._grant_went_stale([piece], grant, self.patch)
+        result = await self.patch.send(piece.alert_ids, piece.fields, token)
+        if result.kind is CallKind.UNAUTHORIZED and not piece.fresh_token:
+            back = await self.ledger.update_pending(
+                piece, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
+            )
+            return (
+                Attempt(AttemptKind.LOST, piece) if back is None else Attempt(AttemptKind.DEFERRED, back, 0.0)
+            )
+        return await self._record(piece, result, answer_for, self.patch)
+
+    async def _release_all(self, grants: list[Grant], channel: Channel) -> None:
+        for grant in grants:
+            await self._release(grant, channel)
 
     async def _retry_later(
         self, chunk: Chunk, result: CallResult, answer_for: AnswerHook | None = None
@@ -511,22 +835,31 @@ class Sender:
 
     # --- scheduling ----------------------------------------------------------------------------------
 
-    async def schedule(self, chunk: Chunk, delay: float) -> bool:
-        """Make `chunk`'s next try a queue message due after `delay`; False if someone else owns it."""
-        token = uuid.uuid4().hex
-        owned = await self.ledger.update_pending(chunk, msg_token=token, msg_due_at=self._clock() + delay)
+    async def schedule(self, chunk: Chunk, delay: float, expected_in: float | None = None) -> Chunk | None:
+        """Make `chunk`'s next try a queue message due after `delay`, its call expected `expected_in`
+        seconds from now (default: when the message is due); the chunk as stored then, or None if
+        someone else owns it."""
+        token, now = uuid.uuid4().hex, self._clock()
+        expected = now + max(delay, expected_in if expected_in is not None else delay)
+        owned = await self.ledger.update_pending(
+            chunk, msg_token=token, msg_due_at=now + delay, expected_at=expected
+        )
         if owned is None:
-            return False
+            return None
         await self.queues.send_chunk(chunk.chunk_id, token, delay)
-        return True
+        return owned
 
-    async def follow_up(self, attempt: Attempt) -> None:
-        """After a try that did not finish the chunk, make sure its next try is queued."""
+    async def follow_up(self, attempt: Attempt) -> list[Chunk]:
+        """After a try that did not finish the chunk, make sure its next try is queued. Returns the chunks
+        as they are now (the pieces of a split chunk), for the answer a caller gets."""
         if attempt.kind is AttemptKind.DEFERRED:
-            await self.schedule(attempt.chunk, attempt.delay)
-        elif attempt.kind is AttemptKind.SPLIT:
-            for piece in attempt.pieces:
-                await self.schedule(piece, 0.0)
+            queued = await self.schedule(attempt.chunk, attempt.delay, attempt.expected_in)
+            return [queued or attempt.chunk]
+        if attempt.kind is AttemptKind.SPLIT:
+            return [await self.schedule(piece, 0.0) or piece for piece in attempt.pieces]
+        if attempt.kind is AttemptKind.PIECES:
+            return [chunk for part in attempt.parts for chunk in await self.follow_up(part)]
+        return [attempt.chunk]
 
     # --- outcome unknown ---------------------------------------------------------------------------------
 

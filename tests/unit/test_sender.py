@@ -621,13 +621,14 @@ async def test_schedule_names_the_chunk_s_one_live_message(clock: ManualClock) -
     rig = build(clock)
     [chunk] = await rig.accept(ID1)
 
-    assert await rig.sender.schedule(chunk, 12.0) is True
+    queued = await rig.sender.schedule(chunk, 12.0)
+    assert queued is not None and queued.expected_at == START + 12.0
 
     [sent] = rig.queues.chunks
     stored = await rig.pending(chunk)
     assert stored is not None and (stored.msg_token, stored.msg_due_at) == (sent.token, START + 12.0)
     assert (sent.chunk_id, sent.delay) == (chunk.chunk_id, 12.0)
-    assert await rig.sender.schedule(chunk, 0.0) is False  # the read is out of date now: not ours
+    assert await rig.sender.schedule(chunk, 0.0) is None  # the read is out of date now: not ours
     assert len(rig.queues.chunks) == 1
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from shared.channels.base import CallKind, CallResult, UpstreamError
 from shared.channels.batch_update import BUDGET_ROW_KEY, BatchLimit, classify_batch_update
+from shared.channels.patch import BUDGET_ROW_KEY as PATCH_ROW_KEY
 from shared.idempotency import IdempotencyStore
 from shared.intake import Intake
 from shared.ledger import AcceptPlan, Chunk, Ledger, OrderView, new_operation_id
@@ -40,6 +41,7 @@ BASE_ENV = {
     "AzureWebJobsStorage": "UseDevelopmentStorage=true",
     "DEFENDER_RATE_LIMITS": "1000/1",
     "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0",
+    "DEFENDER_PATCH_RATE_LIMITS": "off",  # a test that wants the PATCH channel sets its limits
 }
 
 
@@ -142,7 +144,14 @@ class FakeChannel:
 
     name = "fake"
 
-    def __init__(self, limiter: RateLimiter, batch_limit: BatchLimit, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        batch_limit: BatchLimit | None,
+        clock: Callable[[], float],
+        name: str = "fake",
+    ) -> None:
+        self.name = name
         self.limiter = limiter
         self.batch_limit = batch_limit
         self.script: list[Scripted] = []
@@ -154,10 +163,10 @@ class FakeChannel:
         return self
 
     async def max_alerts(self) -> int:
-        return await self.batch_limit.refresh()
+        return 1 if self.batch_limit is None else await self.batch_limit.refresh()
 
     async def learn_limit(self, result: CallResult, attempted: int) -> int | None:
-        if result.kind is not CallKind.BATCH_TOO_LARGE or attempted <= 1:
+        if self.batch_limit is None or result.kind is not CallKind.BATCH_TOO_LARGE or attempted <= 1:
             return None
         return await self.batch_limit.learn(result.allowed_batch_size, attempted)
 
@@ -305,15 +314,21 @@ class Rig:
     sender: Sender
     worker: Worker
     intake: Intake
+    patch: FakeChannel | None = None  # the PATCH channel, when DEFENDER_PATCH_RATE_LIMITS is set
 
     @property
     def calls(self) -> list[Call]:
         return self.channel.calls
 
-    async def budget_log(self) -> list[float]:
+    async def budget_log(self, row_key: str = BUDGET_ROW_KEY) -> list[float]:
         """The shared budget's log of grants and reserved slots (epoch seconds), as stored."""
-        entity = self.budget.inner.peek("mde", BUDGET_ROW_KEY)
+        entity = self.budget.inner.peek("mde", row_key)
         return [ms / 1000 for ms in parse_log(str(entity.get("Log") or ""))] if entity is not None else []
+
+    def blocked_until(self, row_key: str = BUDGET_ROW_KEY) -> float:
+        entity = self.budget.inner.peek("mde", row_key)
+        value = entity.get("BlockedUntil") if entity is not None else None
+        return int(getattr(value, "value", value) or 0) / 1000
 
     async def accept(
         self,
@@ -374,6 +389,17 @@ def build(
     )
     batch_limit = BatchLimit(settings.defender_max_alerts_per_call, budget, partition_key="mde")
     channel = FakeChannel(limiter, batch_limit, clock).then(*script)
+    patch = None
+    if settings.defender_patch_rate_limits is not None:
+        patch_limiter = RateLimiter(
+            budget,
+            settings.defender_patch_rate_limits,
+            settings.rate_limit_safety_margin_seconds,
+            partition_key="mde",
+            row_key=PATCH_ROW_KEY,
+            clock=limiter_clock or clock,
+        )
+        patch = FakeChannel(patch_limiter, None, clock, name="patch")
     tokens = tokens or FakeTokens()
     queues = FakeQueues()
     ledger = Ledger(operations, clock)
@@ -387,11 +413,17 @@ def build(
         clock=clock,
     )
     sender = Sender(
-        settings, ledger, channel, cast("TokenProvider", tokens), cast("Queues", queues), clock=clock
+        settings,
+        ledger,
+        channel,
+        cast("TokenProvider", tokens),
+        cast("Queues", queues),
+        clock=clock,
+        patch=patch,
     )
     worker = Worker(sender, clock)
     intake = Intake(settings, keys, ledger, sender, clock)
     return Rig(
         clock, settings, keys_table, operations, budget, limiter, batch_limit, channel, tokens, queues,
-        ledger, keys, sender, worker, intake,
+        ledger, keys, sender, worker, intake, patch,
     )  # fmt: skip

@@ -1,0 +1,388 @@
+"""Coalescing and the PATCH channel (docs/contracts.md §7), over the real ledger and budgets on in-memory
+tables, with MDE scripted (tests/unit/upstream_fakes.py).
+
+The rules under test: a batchUpdate call carries the chunk whose turn it is plus every sendable chunk
+with an identical update on other alerts, oldest first; members are disjoint, identical and never ahead
+of an earlier update of their alerts; one caller's refused alert fails only that caller; a chunk goes by
+PATCH, split into one-alert pieces, only when no identical update waits and each piece's slot comes
+before batchUpdate's; a 429 blocks only its own channel; a crash between marking and recording leaves
+every member to the outcome-unknown rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.coalescing import PendingView
+from shared.ledger import Chunk, ChunkResult, PendingState
+from shared.ratelimit import Grant
+from shared.sender import AttemptKind
+from tests.unit.upstream_fakes import OK, START, ManualClock, Rig, answer, build, too_large, unknown
+
+CLOSE = {"status": "Resolved", "classification": "FalsePositive", "comment": "closed by script"}
+OTHER = {"status": "Resolved", "classification": "FalsePositive", "comment": "another comment"}
+PATCH_ON = {"DEFENDER_RATE_LIMITS": "1/10", "DEFENDER_PATCH_RATE_LIMITS": "10/10"}
+
+
+def alert(n: int) -> str:
+    return f"da6373997940502735{n:02d}_76070737{n:02d}"
+
+
+async def spend_batch_budget(rig: Rig) -> None:
+    assert isinstance(await rig.limiter.acquire(0.0), Grant)
+
+
+async def one_each(rig: Rig, *numbers: int, fields: dict[str, str] = CLOSE) -> list[Chunk]:
+    """One accepted request per alert number, each one chunk, in this order."""
+    return [(await rig.accept(alert(n), fields=fields))[0] for n in numbers]
+
+
+async def stored(rig: Rig, chunk: Chunk) -> Chunk:
+    """The chunk as recorded now: its result if it was moved there, else its pending entry."""
+    return await rig.finished(chunk) or await rig.stored(chunk)
+
+
+# --- who rides a call (pure rules over one read) -------------------------------------------------------
+
+
+def entry(seq: int, *ids: int, fields: dict[str, str] = CLOSE, **changes: object) -> Chunk:
+    chunk = Chunk(f"{seq:012d}", f"op{seq}", tuple(alert(n) for n in ids), dict(fields), START)
+    for name, value in changes.items():
+        setattr(chunk, name, value)
+    return chunk
+
+
+def test_members_are_identical_disjoint_sendable_and_oldest_first() -> None:
+    lead = entry(5, 5)
+    view = PendingView(
+        [
+            entry(1, 1),  # identical, oldest: rides
+            entry(2, 2, fields=OTHER),  # another update: not a member
+            entry(3, 3, state=PendingState.SENDING),  # in flight elsewhere
+            entry(4, 4, not_before=START + 5),  # in its back-off
+            lead,
+            entry(6, 1),  # behind the pending update of alert 1 (seq 1)
+            entry(7, 7, solo=True),  # kept apart after a refused call
+            entry(8, 8, 9),  # identical, two alerts: rides
+        ],
+        now=START,
+    )
+
+    members = view.members_for(lead, limit=500)
+
+    assert [m.chunk_id for m in members] == [f"{1:012d}", f"{8:012d}"]
+    ids = [a for c in [lead, *members] for a in c.alert_ids]
+    assert len(ids) == len(set(ids))  # disjoint
+
+
+def test_members_stop_at_the_batch_limit_and_the_member_cap() -> None:
+    lead = entry(1, 1)
+    view = PendingView([lead, *(entry(n, n) for n in range(2, 12))], now=START)
+
+    assert len(view.members_for(lead, limit=4)) == 3  # 4 ids in all
+    assert len(view.members_for(lead, limit=500, max_members=5)) == 4  # 5 chunks in all
+    assert view.members_for(entry(1, 1, solo=True), limit=500) == []
+
+
+def test_a_chunk_has_a_peer_only_if_an_identical_update_is_sendable() -> None:
+    mine = entry(3, 3)
+    assert PendingView([entry(1, 1), mine], now=START).has_peer(mine)
+    assert not PendingView([entry(1, 1, fields=OTHER), mine], now=START).has_peer(mine)
+    assert not PendingView([entry(1, 1, state=PendingState.SENDING), mine], now=START).has_peer(mine)
+    assert not PendingView([mine], now=START).has_peer(mine)
+
+
+# --- coalesced calls -------------------------------------------------------------------------------------
+
+
+async def test_one_call_carries_every_identical_waiting_update_and_records_them_together(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10"})
+    await spend_batch_budget(rig)
+    first, second, other, third = (
+        *(await one_each(rig, 1, 2)),
+        *(await one_each(rig, 3, fields=OTHER)),
+        *(await one_each(rig, 4)),
+    )
+
+    attempt = await rig.sender.attempt(second, max_wait=20.0)
+
+    assert attempt.kind is AttemptKind.FINISHED and attempt.chunk.state == ChunkResult.SUCCEEDED
+    [call] = rig.calls
+    assert call.alert_ids == (alert(2), alert(1), alert(4))  # its own first, then oldest first
+    assert call.fields == CLOSE and call.at == pytest.approx(START + 10, abs=0.01)
+    ends = [await stored(rig, c) for c in (first, second, third)]
+    assert {(e.state, e.answer_status, e.attempts) for e in ends} == {(ChunkResult.SUCCEEDED, 200, 1)}
+    assert len({e.call_id for e in ends}) == 1 and ends[0].channel == "fake"
+    waiting = await rig.pending(other)
+    assert waiting is not None and waiting.state == PendingState.PENDING and waiting.attempts == 0
+    assert await rig.budget_log() == [START + 10]  # one call spent for three requests
+
+
+async def test_an_earlier_update_of_an_alert_keeps_a_later_one_out_of_the_call(clock: ManualClock) -> None:
+    rig = build(clock)
+    [earlier] = await one_each(rig, 1, fields=OTHER)
+    later, lead = await one_each(rig, 1, 2)
+
+    await rig.sender.attempt(lead, max_wait=0.0)
+
+    assert [c.alert_ids for c in rig.calls] == [(alert(2),)]
+    assert (await stored(rig, later)).state == PendingState.PENDING
+    assert (await stored(rig, earlier)).state == PendingState.PENDING
+
+
+async def test_a_member_changed_since_the_read_sends_the_chunk_alone(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, member = await one_each(rig, 1, 2)
+
+    async def someone_takes_the_member() -> None:
+        current = await rig.pending(member)
+        assert current is not None
+        await rig.ledger.update_pending(current, msg_token="theirs")
+
+    rig.operations.before("transact", someone_takes_the_member)
+
+    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),)]
+    left = await rig.pending(member)
+    assert left is not None and left.state == PendingState.PENDING and left.msg_token == "theirs"
+
+
+async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, refused, other = await one_each(rig, 1, 2, 3)
+    rig.channel.then(answer(404, "NotFound", f"Alert(s) not found: {alert(2)}. Nothing was updated."))
+
+    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+
+    assert rig.calls[0].alert_ids == (alert(1), alert(2), alert(3))
+    failed = await stored(rig, refused)
+    assert (failed.state, failed.answer_status) == (ChunkResult.FAILED, 422)
+    assert failed.last_error is not None and failed.last_error["code"] == "NotFound"
+    assert attempt.kind is AttemptKind.DEFERRED and attempt.delay == 0.0
+    for chunk in (lead, other):
+        again = await stored(rig, chunk)
+        assert (again.state, again.attempts, again.solo) == (PendingState.PENDING, 0, False)
+    queued = {sent.chunk_id for sent in rig.queues.chunks}
+    assert other.chunk_id in queued  # its next try is queued; the lead's is its caller's to queue
+
+    again = await rig.pending(lead)
+    assert again is not None
+    done = await rig.sender.attempt(again, max_wait=0.0)
+
+    assert done.chunk.state == ChunkResult.SUCCEEDED
+    assert rig.calls[1].alert_ids == (alert(1), alert(3))  # the two others together, once more
+    applied = [a for call in rig.calls[1:] for a in call.alert_ids]
+    assert sorted(applied) == [alert(1), alert(3)]
+
+
+async def test_a_404_naming_no_alert_sends_every_member_apart(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, member = await one_each(rig, 1, 2)
+    rig.channel.then(answer(404, "NotFound", "Not found."), OK, answer(404, "NotFound", "Not found."))
+
+    await rig.sender.attempt(lead, max_wait=0.0)
+    for chunk in (lead, member):
+        assert (await stored(rig, chunk)).solo is True
+    for chunk in (lead, member):
+        current = await rig.pending(chunk)
+        assert current is not None
+        await rig.sender.attempt(current, max_wait=0.0)
+
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2)), (alert(1),), (alert(2),)]
+    assert (await stored(rig, lead)).state == ChunkResult.SUCCEEDED
+    lost = await stored(rig, member)
+    assert (lost.state, lost.answer_status) == (ChunkResult.FAILED, 422)
+
+
+async def test_a_400_that_names_no_alert_is_a_verdict_on_every_member(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, member = await one_each(rig, 1, 2)
+    rig.channel.then(answer(400, "InvalidInput", "Invalid value 'Clean' for 'determination'."))
+
+    await rig.sender.attempt(lead, max_wait=0.0)
+
+    for chunk in (lead, member):
+        end = await stored(rig, chunk)
+        assert (end.state, end.answer_status) == (ChunkResult.FAILED, 422)
+    assert len(rig.calls) == 1
+
+
+async def test_a_429_puts_every_member_back_with_back_off_and_blocks_the_channel_once(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock)
+    lead, member = await one_each(rig, 1, 2)
+    rig.channel.then(answer(429, "TooManyRequests", retry_after=7))
+
+    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+
+    assert attempt.kind is AttemptKind.DEFERRED and attempt.delay >= 7
+    for chunk in (lead, member):
+        back = await stored(rig, chunk)
+        assert (back.state, back.attempts) == (PendingState.PENDING, 1)  # the attempt counted once
+        assert back.not_before >= START + 7
+    assert rig.blocked_until() == pytest.approx(START + 7)
+    assert member.chunk_id in {sent.chunk_id for sent in rig.queues.chunks}
+
+
+async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_calls(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, member, third = await one_each(rig, 1, 2, 3)
+    rig.channel.then(too_large(2))
+
+    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+    assert attempt.kind is AttemptKind.DEFERRED
+    assert await rig.batch_limit.refresh() == 2
+    for chunk in (lead, member, third):
+        assert (await stored(rig, chunk)).attempts == 0  # no verdict: not counted
+
+    again = await rig.pending(lead)
+    assert again is not None
+    await rig.sender.attempt(again, max_wait=0.0)
+    assert rig.calls[1].alert_ids == (alert(1), alert(2))
+
+
+async def test_no_answer_ends_each_member_by_the_outcome_unknown_rule(clock: ManualClock) -> None:
+    rig = build(clock)
+    [with_comment] = await one_each(rig, 1)
+    [without] = await one_each(rig, 2, fields={"status": "Resolved"})
+    [also_with] = await one_each(rig, 3)
+    rig.channel.then(unknown())
+
+    attempt = await rig.sender.attempt(with_comment, max_wait=0.0)
+
+    assert rig.calls[0].alert_ids == (alert(1), alert(3))  # identical updates only
+    assert attempt.chunk.state == ChunkResult.OUTCOME_UNKNOWN
+    unknown_end = await stored(rig, also_with)
+    assert (unknown_end.state, unknown_end.answer_status) == (ChunkResult.OUTCOME_UNKNOWN, 504)
+    assert (await stored(rig, without)).state == PendingState.PENDING  # never in that call
+
+
+class Crash(BaseException):
+    """The process dies between marking the members Sending and recording MDE's answer."""
+
+
+async def test_a_crash_between_marking_and_recording_leaves_every_member_to_the_sweep(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock)
+    lead, member = await one_each(rig, 1, 2)
+    [plain] = await one_each(rig, 3, fields={"status": "Resolved"})
+    [plain_member] = await one_each(rig, 4, fields={"status": "Resolved"})
+
+    def crash() -> OK.__class__:
+        raise Crash
+
+    rig.channel.then(crash, crash)
+    for chunk in (lead, plain):
+        with pytest.raises(Crash):
+            await rig.sender.attempt(chunk, max_wait=0.0)
+    marks = [await stored(rig, c) for c in (lead, member, plain, plain_member)]
+    assert {m.state for m in marks} == {PendingState.SENDING}
+    clock.advance(rig.sender.sending_lease + 1)
+
+    assert (await rig.worker.sweep())["staleSends"] == 4
+
+    for chunk in (lead, member):  # with a comment: never re-sent
+        end = await stored(rig, chunk)
+        assert (end.state, end.answer_status) == (ChunkResult.OUTCOME_UNKNOWN, 504)
+    for chunk in (plain, plain_member):  # without: retried like a 5xx
+        back = await stored(rig, chunk)
+        assert back.state == PendingState.PENDING and back.last_error is not None
+    assert len(rig.calls) == 2
+
+
+# --- the PATCH channel ------------------------------------------------------------------------------------
+
+
+async def test_a_chunk_goes_by_patch_as_one_alert_pieces_when_batch_update_is_spent(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    [chunk] = await rig.accept(alert(1), alert(2), fields=CLOSE)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=20.0)
+
+    assert attempt.kind is AttemptKind.PIECES
+    assert [p.state for p in attempt.pieces] == [ChunkResult.SUCCEEDED] * 2
+    assert [c.alert_ids for c in rig.patch.calls] == [(alert(1),), (alert(2),)]
+    assert rig.calls == []  # no batchUpdate call
+    assert [p.chunk_id for p in attempt.pieces] == [f"{chunk.chunk_id}-000", f"{chunk.chunk_id}-001"]
+    assert {p.channel for p in attempt.pieces} == {"patch"}
+    assert len({p.call_id for p in attempt.pieces}) == 2  # a call each
+    assert await rig.budget_log("patch-calls") == [START, START]
+    assert await rig.budget_log() == [START]  # batchUpdate's budget untouched
+
+
+async def test_an_identical_waiting_update_keeps_a_chunk_on_batch_update(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    first, second = await one_each(rig, 1, 2)
+
+    attempt = await rig.sender.attempt(second, max_wait=20.0)
+
+    assert rig.patch.calls == []
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert [c.alert_ids for c in rig.calls] == [(alert(2), alert(1))]
+
+
+async def test_patch_is_not_taken_unless_every_piece_comes_before_batch_update_s_slot(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10", "DEFENDER_PATCH_RATE_LIMITS": "1/30"})
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    assert isinstance(await rig.patch.limiter.acquire(0.0), Grant)  # PATCH next free at START + 30
+    [chunk] = await one_each(rig, 1)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=40.0)
+
+    assert rig.patch.calls == [] and [round(c.at, 1) for c in rig.calls] == [START + 10]
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+
+
+async def test_a_chunk_over_patch_max_alerts_stays_on_batch_update(clock: ManualClock) -> None:
+    rig = build(clock, env={**PATCH_ON, "PATCH_MAX_ALERTS": "2"})
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    [chunk] = await rig.accept(alert(1), alert(2), alert(3), fields=CLOSE)
+
+    await rig.sender.attempt(chunk, max_wait=20.0)
+
+    assert rig.patch.calls == [] and len(rig.calls) == 1
+
+
+async def test_a_429_on_patch_blocks_only_patch(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    [chunk] = await one_each(rig, 1)
+    rig.patch.then(answer(429, "TooManyRequests", retry_after=5))
+
+    attempt = await rig.sender.attempt(chunk, max_wait=0.0)
+
+    assert attempt.kind is AttemptKind.DEFERRED
+    assert rig.blocked_until("patch-calls") == pytest.approx(START + 5)
+    assert rig.blocked_until() == 0.0
+
+
+async def test_order_spans_both_channels(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    await spend_batch_budget(rig)
+    [by_patch] = await one_each(rig, 1, fields=OTHER)
+    [later] = await one_each(rig, 1)
+    rig.patch.then(answer(503, "ServiceUnavailable"))
+
+    sent = await rig.sender.attempt(by_patch, max_wait=0.0)
+    assert sent.kind is AttemptKind.DEFERRED and [c.alert_ids for c in rig.patch.calls] == [(alert(1),)]
+
+    waits = await rig.sender.attempt(later, max_wait=20.0)
+
+    assert waits.kind is AttemptKind.DEFERRED  # behind the pending PATCH update of alert 1
+    assert rig.calls == [] and len(rig.patch.calls) == 1
