@@ -110,6 +110,14 @@ param alertIdPattern string = '^(?:[a-z]{2})?\\d{18}_-?\\d{1,20}$'
 @description('DEFENDER_RATE_LIMITS: calls/seconds per window, comma-separated; MDE allows 10 a minute and 500 an hour.')
 param defenderRateLimits string = '10/60,500/3600'
 
+@description('DEFENDER_PATCH_RATE_LIMITS: the single-alert PATCH API\'s own budget, calls/seconds per window (MDE documents 100 a minute and 1500 an hour); off turns that channel off.')
+param defenderPatchRateLimits string = '100/60,1500/3600'
+
+@description('PATCH_MAX_ALERTS: the most alerts a waiting update may have to go out as one PATCH call per alert.')
+@minValue(1)
+@maxValue(99)
+param patchMaxAlerts int = 10
+
 @description('RATE_LIMIT_SAFETY_MARGIN_SECONDS: added to every window for clock skew (decimals allowed).')
 param rateLimitSafetyMarginSeconds string = '1'
 
@@ -209,6 +217,8 @@ var alertgateAppSettings = {
   DEFENDER_TOKEN_SCOPE: defenderTokenScope
   ALERT_ID_PATTERN: alertIdPattern
   DEFENDER_RATE_LIMITS: defenderRateLimits
+  DEFENDER_PATCH_RATE_LIMITS: defenderPatchRateLimits
+  PATCH_MAX_ALERTS: string(patchMaxAlerts)
   RATE_LIMIT_SAFETY_MARGIN_SECONDS: rateLimitSafetyMarginSeconds
   DEFENDER_MAX_ALERTS_PER_CALL: string(defenderMaxAlertsPerCall)
   MAX_ALERTS_PER_REQUEST: string(maxAlertsPerRequest)

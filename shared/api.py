@@ -256,6 +256,7 @@ async def health(request: ApiRequest) -> ApiResponse:
         "defender": {
             "batchUpdateUrl": rt.settings.batch_update_url,
             "maxAlertsPerCall": rt.home.batch_update.batch_limit.current,
+            "patchMaxAlerts": rt.settings.patch_max_alerts if rt.home.patch else 0,
         },
     }
     return json_response(200 if healthy else 503, document)
@@ -282,12 +283,23 @@ async def _token_check(rt: Any) -> dict[str, Any]:
 
 
 async def _budget(rt: Any) -> dict[str, Any]:
-    snapshot = await rt.home.batch_update.limiter.snapshot()
+    """Each channel's budget (docs/contracts.md §7); batchUpdate's also at the top, as before PATCH came."""
+    batch = await _channel_budget(rt.home.batch_update.limiter)
+    patch = rt.home.patch
+    channels = {
+        "batchUpdate": {"enabled": True, **batch},
+        "patch": {"enabled": True, **await _channel_budget(patch.limiter)} if patch else {"enabled": False},
+    }
+    return {"ok": True, **batch, "channels": channels}
+
+
+async def _channel_budget(limiter: Any) -> dict[str, Any]:
+    snapshot = await limiter.snapshot()
     windows = [
         {"calls": w.calls, "seconds": w.seconds, "used": w.used, "remaining": w.remaining}
         for w in snapshot.windows
     ]
-    return {"ok": True, "windows": windows, "blockedUntil": snapshot.blocked_until}
+    return {"windows": windows, "blockedUntil": snapshot.blocked_until}
 
 
 async def _queues(rt: Any) -> dict[str, Any]:
