@@ -94,9 +94,15 @@ class EmulatorControl:
         await self._call("POST", f"{self.mde_url}/_emulator/reset")
         await self.identity_reset()
 
-    async def calls(self) -> list[dict[str, Any]]:
+    async def calls(self, api: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded call in arrival order, or only those whose `api` is `api`.
+
+        `api` is "batchUpdate", "patch" or "unknown" (a route error); each record's `alertIds` lists the
+        alerts it named whatever the API (the body's ids for batchUpdate, the path's id for PATCH).
+        """
         body = await self._call("GET", f"{self.mde_url}/_emulator/calls")
-        return cast(list[dict[str, Any]], body["calls"])
+        calls = cast(list[dict[str, Any]], body["calls"])
+        return calls if api is None else [call for call in calls if call["api"] == api]
 
     async def add_faults(self, faults: list[dict[str, Any]]) -> int:
         """Append to the fault FIFO; returns how many faults are now pending."""

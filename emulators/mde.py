@@ -49,6 +49,10 @@ DEFAULT_AUDIENCE = "https://api.securitycenter.microsoft.com"
 DEFAULT_RATE_LIMITS = "10/60,500/3600"
 DEFAULT_MAX_BATCH = 500
 
+# What `CallRecord.api` says: which emulated API a call addressed.
+API_BATCH_UPDATE = "batchUpdate"
+API_UNKNOWN = "unknown"
+
 KNOWN_FIELDS = ("alertIds", "status", "assignedTo", "classification", "determination", "comment")
 STATUSES = ("New", "InProgress", "Resolved")
 CLASSIFICATIONS = ("Unknown", "FalsePositive", "TruePositive", "InformationalExpectedActivity")
@@ -96,6 +100,28 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which emulated API a request addresses, decided before the call is recorded.
+
+    A request that addresses none is still recorded (as `API_UNKNOWN`), then answered `error`.
+    """
+
+    api: str
+    error: ApiError | None = None
+
+
+def resolve_route(method: str, path: str) -> Route:
+    """Any path ending in `/api/alerts/batchUpdate` (the base path may carry a prefix) and POST only."""
+    if not path.endswith(BATCH_UPDATE_SUFFIX):
+        return Route(API_UNKNOWN, ApiError(404, "ResourceNotFound", f"No emulated route for {path}."))
+    if method != "POST":
+        return Route(
+            API_UNKNOWN, ApiError(405, "BadRequest", f"{method} is not allowed on {path}; use POST.")
+        )
+    return Route(API_BATCH_UPDATE)
 
 
 # --- rate limits -------------------------------------------------------------------------------------
@@ -339,9 +365,11 @@ def fault_error(fault: Fault) -> ApiError:
 class CallRecord:
     """Everything a test may want to know about one call, including what it was answered.
 
-    `time` is `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so
-    it compares with the test process's own monotonic clock. `status` stays None until answered (a
-    delayed call in flight) and for a call whose connection was reset (`aborted`).
+    `api` is the emulated API the call addressed (`API_UNKNOWN` for a 404/405 route error), so tests
+    and benchmarks can count calls per API. `time` is `time.monotonic()` in this process; on Linux that
+    is the system-wide CLOCK_MONOTONIC, so it compares with the test process's own monotonic clock.
+    `status` stays None until answered (a delayed call in flight) and for a call whose connection was
+    reset (`aborted`).
     """
 
     seq: int
@@ -354,6 +382,7 @@ class CallRecord:
     body: str
     json: Any
     ignored_keys: list[str]
+    api: str = API_UNKNOWN
     admitted: bool = False
     client_id: str | None = None
     fault: dict[str, Any] | None = None
@@ -361,9 +390,18 @@ class CallRecord:
     error_code: str | None = None
     aborted: bool = False
 
+    @property
+    def alert_ids(self) -> list[str]:
+        """The alert ids the call named: the string items of the body's `alertIds` list, if any."""
+        ids = self.json.get("alertIds") if isinstance(self.json, dict) else None
+        return [item for item in ids if isinstance(item, str)] if isinstance(ids, list) else []
+
     def to_json(self) -> dict[str, Any]:
+        """The record for `/_emulator/calls`; `alertIds` reads the same for every API (see `alert_ids`)."""
         return {
             "seq": self.seq,
+            "api": self.api,
+            "alertIds": self.alert_ids,
             "time": self.time,
             "wallTime": self.wall_time,
             "method": self.method,
@@ -530,9 +568,11 @@ class MdeEmulator:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Record, then answer: wrong route, 401, 429, scripted fault, validation error or 200."""
         text = (await request.read()).decode("utf-8", errors="replace")
-        record = self._record(request, text)
+        route = resolve_route(request.method, request.path)
+        record = self._record(request, text, route)
         try:
-            self._check_route(request)
+            if route.error is not None:
+                raise route.error
             self._authenticate(request, record)
             self._admit(record)
             if self.faults:
@@ -542,7 +582,7 @@ class MdeEmulator:
             return self._answer_error(request, record, err)
         return self._answer_ok(request, record)
 
-    def _record(self, request: web.Request, text: str) -> CallRecord:
+    def _record(self, request: web.Request, text: str, route: Route) -> CallRecord:
         self._seq += 1
         parsed = _parse_json(text)
         record = CallRecord(
@@ -556,15 +596,10 @@ class MdeEmulator:
             body=text,
             json=parsed,
             ignored_keys=_ignored_keys(parsed),
+            api=route.api,
         )
         self.calls.append(record)
         return record
-
-    def _check_route(self, request: web.Request) -> None:
-        if not request.path.endswith(BATCH_UPDATE_SUFFIX):
-            raise ApiError(404, "ResourceNotFound", f"No emulated route for {request.path}.")
-        if request.method != "POST":
-            raise ApiError(405, "BadRequest", f"{request.method} is not allowed on {request.path}; use POST.")
 
     def _authenticate(self, request: web.Request, record: CallRecord) -> None:
         header = request.headers.get("Authorization", "")
@@ -692,8 +727,7 @@ def _unauthorized(message: str) -> ApiError:
 
 
 def _log_detail(record: CallRecord) -> str:
-    ids = record.json.get("alertIds") if isinstance(record.json, dict) else None
-    count = len(ids) if isinstance(ids, list) else 0
+    count = len(record.alert_ids)
     outcome = "aborted" if record.aborted else (record.error_code or "ok")
     fault = " fault" if record.fault is not None else ""
     return f"seq={record.seq} ids={count} {outcome}{fault}"

@@ -71,6 +71,7 @@ class MdeApi:
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str) -> None:
         self.session = session
+        self.base_url = base_url
         self.url = base_url + BATCH_UPDATE
         self.token = token
 

@@ -21,7 +21,14 @@ import pytest
 from devhost.services import Service, start_emulators
 from emulators.control import EmulatorControl, max_calls_in_any_window
 from emulators.mde import SlidingWindowLimiter, parse_rate_limits
-from tests.emulators.conftest import DOCUMENTED_EXAMPLE, MDE_RESOURCE, MdeApi, fetch_token, wait_until
+from tests.emulators.conftest import (
+    DOCUMENTED_EXAMPLE,
+    MDE_RESOURCE,
+    Answer,
+    MdeApi,
+    fetch_token,
+    wait_until,
+)
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ID_A = "da637551227677560813_-961444813"
@@ -99,6 +106,46 @@ async def test_token_for_another_audience_is_401_unless_configured(
 
     await ctl.configure(accepted_audiences=[other])
     assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+
+# --- routes and call records --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "named"),
+    [
+        ("GET", "/api/alerts/batchUpdate", 405, "POST"),
+        ("POST", "/api/alerts", 404, "/api/alerts"),
+        ("POST", "/api/incidents/batchUpdate/x", 404, "/api/incidents/batchUpdate/x"),
+    ],
+)
+async def test_route_errors_are_recorded_as_unknown_api(
+    mde: MdeApi, ctl: EmulatorControl, method: str, path: str, status: int, named: str
+) -> None:
+    async with mde.session.request(
+        method, mde.base_url + path, json={"alertIds": [ID_A]}, headers=mde.default_headers()
+    ) as response:
+        answer = Answer(response.status, response.headers, await response.text())
+
+    assert answer.status == status
+    assert named in answer.error()["message"]
+    [call] = await ctl.calls()
+    assert (call["api"], call["status"], call["admitted"]) == ("unknown", status, False)
+    assert await ctl.calls(api="batchUpdate") == []
+    assert await ctl.alerts() == {}
+
+
+async def test_batch_update_record_names_its_api_and_alert_ids(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await mde.update({"alertIds": [ID_A, ID_B], "status": "Resolved"})
+    await mde.update({"alertIds": [ID_A, 7]})  # 400, but the string ids it named are still listed
+
+    calls = await ctl.calls()
+    assert [(c["api"], c["alertIds"], c["status"]) for c in calls] == [
+        ("batchUpdate", [ID_A, ID_B], 200),
+        ("batchUpdate", [ID_A], 400),
+    ]
+    assert calls[0]["json"]["alertIds"] == [ID_A, ID_B]  # the raw body stays where it was
+    assert await ctl.calls(api="batchUpdate") == calls
 
 
 # --- body rules --------------------------------------------------------------------------------------
