@@ -115,7 +115,10 @@ class EmulatorControl:
         return cast(list[dict[str, Any]], body["faults"])
 
     async def configure(self, **fields: Any) -> dict[str, Any]:
-        """Change MDE settings (`rate_limits="3/1"` or `rateLimits="3/1"`, ...); returns the new config."""
+        """Change MDE settings (`rate_limits="3/1"` or `rateLimits="3/1"`, ...); returns the new config.
+
+        `rate_limits` is batchUpdate's budget, `patch_rate_limits` PATCH's own (`""` for no limit).
+        """
         payload = {_camel(name): value for name, value in fields.items()}
         body = await self._call("POST", f"{self.mde_url}/_emulator/config", payload)
         return cast(dict[str, Any], body["config"])
