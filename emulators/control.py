@@ -105,7 +105,11 @@ class EmulatorControl:
         return calls if api is None else [call for call in calls if call["api"] == api]
 
     async def add_faults(self, faults: list[dict[str, Any]]) -> int:
-        """Append to the fault FIFO; returns how many faults are now pending."""
+        """Append to the fault FIFO; returns how many faults are now pending.
+
+        A fault with `"api": "batchUpdate"` or `"api": "patch"` is taken only by the next admitted call
+        of that API (others pass it by); one without `api` by the next admitted call of either.
+        """
         body = await self._call("POST", f"{self.mde_url}/_emulator/faults", faults)
         return int(body["pending"])
 

@@ -115,7 +115,8 @@ DEFAULT_FAULT_MESSAGES = {
     403: "Missing application roles. API required roles: Alert.ReadWrite.All",
     429: "Rate limit is exceeded. Try again later.",
 }
-FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset"})
+FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset", "api"})
+FAULT_APIS = (API_BATCH_UPDATE, API_PATCH)
 
 
 class ApiError(Exception):
@@ -326,6 +327,8 @@ _CONFIG_ATTRS = {
 class Fault:
     """One scripted misbehaviour, consumed by the next admitted call (see README: fault injection).
 
+    With `api` set ("batchUpdate" or "patch") only a call of that API takes it, so a test can aim a
+    fault at one channel while the other keeps flowing; without it, the next call of either API does.
     `delay_seconds` is slept first. Then `status` answers that error; `reset` aborts the connection
     (after processing the update if `apply`); otherwise the call is processed normally (`apply`, the
     default for a pure delay) or answered 200 without touching any alert (`apply: false`).
@@ -339,6 +342,10 @@ class Fault:
     delay_seconds: float = 0.0
     reset: bool = False
     apply: bool = True
+    api: str | None = None
+
+    def meant_for(self, api: str) -> bool:
+        return self.api is None or self.api == api
 
 
 def parse_fault(raw: Any) -> Fault:
@@ -364,7 +371,16 @@ def parse_fault(raw: Any) -> Fault:
         delay_seconds=_optional_seconds(raw, "delaySeconds") or 0.0,
         reset=_bool(raw, "reset", False),
         apply=_bool(raw, "apply", not reset),
+        api=_fault_api(raw.get("api")),
     )
+
+
+def _fault_api(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in FAULT_APIS:
+        raise ValueError(f"A fault 'api' must be one of {', '.join(FAULT_APIS)} (or left out for either).")
+    return value
 
 
 def _fault_status(value: Any) -> int | None:
@@ -679,8 +695,9 @@ class MdeEmulator:
                 raise route.error
             self._authenticate(request, record)
             self._admit(record)
-            if self.faults:
-                return await self._run_fault(request, record, self.faults.popleft())
+            fault = self._take_fault(record.api)
+            if fault is not None:
+                return await self._run_fault(request, record, fault)
             self._apply(validate_update(record, self.config), record)
         except ApiError as err:
             return self._answer_error(request, record, err)
@@ -724,6 +741,14 @@ class MdeEmulator:
             message = f"Rate limit is exceeded. Try again in {seconds} seconds."
             raise ApiError(429, "TooManyRequests", message, {"Retry-After": seconds})
         record.admitted = True
+
+    def _take_fault(self, api: str) -> Fault | None:
+        """Remove and return the first queued fault this API's call may take (FIFO otherwise)."""
+        for index, fault in enumerate(self.faults):
+            if fault.meant_for(api):
+                del self.faults[index]
+                return fault
+        return None
 
     async def _run_fault(self, request: web.Request, record: CallRecord, fault: Fault) -> web.StreamResponse:
         record.fault = fault.raw

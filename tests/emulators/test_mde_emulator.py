@@ -693,6 +693,76 @@ async def test_faults_are_consumed_only_by_admitted_calls(mde: MdeApi, ctl: Emul
     assert [c["admitted"] for c in await ctl.calls()] == [False, True, True, False]
 
 
+async def test_fault_with_api_is_taken_only_by_that_api(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 503, "api": "patch"}, {"status": 500}])
+
+    batched = await mde.update({"alertIds": [ID_A], "comment": "b"})  # passes the PATCH fault by
+    pending = await ctl.pending_faults()
+    patched = await mde.patch(ID_A, {"comment": "p"})
+    again = await mde.patch(ID_A, {"comment": "p"})
+
+    assert pending == [{"status": 503, "api": "patch"}]
+    assert [a.status for a in (batched, patched, again)] == [500, 503, 200]
+    assert [c["fault"] for c in await ctl.calls()] == [{"status": 500}, {"status": 503, "api": "patch"}, None]
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert (alert["comments"], alert["updateSeqs"]) == (["p"], [3])  # faulted calls applied nothing
+
+
+async def test_fault_without_api_is_taken_by_patch_too(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 502, "api": "batchUpdate"}, {"status": 504}])
+
+    first = await mde.patch(ID_A)
+    second = await mde.patch(ID_A)
+    pending = await ctl.pending_faults()
+    batched = await mde.update({"alertIds": [ID_A]})
+
+    assert [a.status for a in (first, second, batched)] == [504, 200, 502]
+    assert first.error()["code"] == "GatewayTimeout"
+    assert pending == [{"status": 502, "api": "batchUpdate"}]
+    assert await ctl.pending_faults() == []
+
+
+@pytest.mark.parametrize("api", ["PATCH", "batchupdate", "unknown", 1])
+async def test_fault_api_must_name_an_api(ctl: EmulatorControl, api: Any) -> None:
+    with pytest.raises(EmulatorControlError, match="'api'"):
+        await ctl.add_faults([{"status": 500}, {"status": 500, "api": api}])
+    assert await ctl.pending_faults() == []
+
+
+@pytest.mark.parametrize("apply", [False, True])
+async def test_reset_fault_on_patch_applies_only_if_told(
+    mde: MdeApi, ctl: EmulatorControl, apply: bool
+) -> None:
+    await ctl.add_faults([{"reset": True, "apply": apply, "api": "patch"}])
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await mde.patch(ID_A, {"status": "Resolved", "comment": "c"})
+
+    [call] = await ctl.calls()
+    assert (call["api"], call["aborted"], call["status"]) == ("patch", True, None)
+    alert = await ctl.alert(ID_A)
+    assert (alert is not None and alert["comments"] == ["c"]) is apply
+    assert (alert is not None and alert["updateSeqs"] == [1]) is apply
+
+
+async def test_delay_fault_on_patch_answers_the_entity_applied_or_not(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    await ctl.add_faults([{"delaySeconds": 0.05, "apply": True}, {"delaySeconds": 0.05, "apply": False}])
+
+    applied = await mde.patch(ID_A, {"status": "Resolved", "comment": "kept"})
+    dropped = await mde.patch(ID_A, {"status": "New", "comment": "lost"})
+
+    assert (applied.status, dropped.status) == (200, 200)
+    for answer in (applied, dropped):  # apply: false answers the alert as it stands, unchanged
+        entity = json.loads(answer.text)
+        assert (entity["status"], [c["comment"] for c in entity["comments"]]) == ("Resolved", ["kept"])
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert (alert["comments"], alert["updateSeqs"]) == (["kept"], [1])
+
+
 # --- rate limits -------------------------------------------------------------------------------------
 
 
