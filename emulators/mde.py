@@ -435,10 +435,10 @@ class CallRecord:
     """Everything a test may want to know about one call, including what it was answered.
 
     `api` is the emulated API the call addressed (`API_UNKNOWN` for a 404/405 route error), so tests
-    and benchmarks can count calls per API; `path_alert_id` is a PATCH call's alert id. `time` is `time.monotonic()` in this process; on Linux that
-    is the system-wide CLOCK_MONOTONIC, so it compares with the test process's own monotonic clock.
-    `status` stays None until answered (a delayed call in flight) and for a call whose connection was
-    reset (`aborted`).
+    and benchmarks can count calls per API; `path_alert_id` is a PATCH call's alert id. `time` is
+    `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so it
+    compares with the test process's own monotonic clock. `status` stays None until answered (a
+    delayed call in flight) and for a call whose connection was reset (`aborted`).
     """
 
     seq: int
