@@ -28,6 +28,7 @@ from emulators.identity import (
 from emulators.mde import (
     DEFAULT_AUDIENCE,
     DEFAULT_MAX_BATCH,
+    DEFAULT_PATCH_RATE_LIMITS,
     DEFAULT_RATE_LIMITS,
     MdeConfig,
     MdeEmulator,
@@ -63,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limits",
         type=_rate_limits,
         default=parse_rate_limits(DEFAULT_RATE_LIMITS),
-        help=f"CALLS/SECONDS sliding windows, comma-separated; '' for none (default {DEFAULT_RATE_LIMITS})",
+        help=f"batchUpdate's CALLS/SECONDS sliding windows, comma-separated; '' for none "
+        f"(default {DEFAULT_RATE_LIMITS})",
+    )
+    parser.add_argument(
+        "--patch-rate-limits",
+        type=_rate_limits,
+        default=parse_rate_limits(DEFAULT_PATCH_RATE_LIMITS),
+        help=f"the same for PATCH /api/alerts/{{id}}, its own budget (default {DEFAULT_PATCH_RATE_LIMITS})",
     )
     parser.add_argument(
         "--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH, help="most ids per call"
@@ -124,6 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     defaults = MdeConfig(
         rate_limits=args.rate_limits,
+        patch_rate_limits=args.patch_rate_limits,
         max_batch=args.max_batch,
         accepted_audiences=frozenset(args.audience or [DEFAULT_AUDIENCE]),
     )

@@ -94,12 +94,22 @@ class EmulatorControl:
         await self._call("POST", f"{self.mde_url}/_emulator/reset")
         await self.identity_reset()
 
-    async def calls(self) -> list[dict[str, Any]]:
+    async def calls(self, api: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded call in arrival order, or only those whose `api` is `api`.
+
+        `api` is "batchUpdate", "patch" or "unknown" (a route error); each record's `alertIds` lists the
+        alerts it named whatever the API (the body's ids for batchUpdate, the path's id for PATCH).
+        """
         body = await self._call("GET", f"{self.mde_url}/_emulator/calls")
-        return cast(list[dict[str, Any]], body["calls"])
+        calls = cast(list[dict[str, Any]], body["calls"])
+        return calls if api is None else [call for call in calls if call["api"] == api]
 
     async def add_faults(self, faults: list[dict[str, Any]]) -> int:
-        """Append to the fault FIFO; returns how many faults are now pending."""
+        """Append to the fault FIFO; returns how many faults are now pending.
+
+        A fault with `"api": "batchUpdate"` or `"api": "patch"` is taken only by the next admitted call
+        of that API (others pass it by); one without `api` by the next admitted call of either.
+        """
         body = await self._call("POST", f"{self.mde_url}/_emulator/faults", faults)
         return int(body["pending"])
 
@@ -109,7 +119,10 @@ class EmulatorControl:
         return cast(list[dict[str, Any]], body["faults"])
 
     async def configure(self, **fields: Any) -> dict[str, Any]:
-        """Change MDE settings (`rate_limits="3/1"` or `rateLimits="3/1"`, ...); returns the new config."""
+        """Change MDE settings (`rate_limits="3/1"` or `rateLimits="3/1"`, ...); returns the new config.
+
+        `rate_limits` is batchUpdate's budget, `patch_rate_limits` PATCH's own (`""` for no limit).
+        """
         payload = {_camel(name): value for name, value in fields.items()}
         body = await self._call("POST", f"{self.mde_url}/_emulator/config", payload)
         return cast(dict[str, Any], body["config"])

@@ -1,21 +1,41 @@
-"""A Defender for Endpoint `POST /api/alerts/batchUpdate` emulator that is strict where MDE is documented.
+"""A Defender for Endpoint alert-update emulator that is strict where MDE is documented.
 
-alertgate cannot reach Microsoft in tests or in the local run, so this emulator is its counterpart. It
-obeys docs/mde-api.md §1-4: bearer tokens from the identity emulator for an accepted audience,
-case-sensitive body names (a wrongly cased name is ignored and reported in the call record), exact-case
-enum values, `MaximumBatchSizeExceeded`, sliding-window rate limits answered with 429 + `Retry-After`,
-200 with an empty body on success, and `{"error": {"code", "message", "target"}}` on every error.
+alertgate cannot reach Microsoft in tests or in the local run, so this emulator is its counterpart for
+MDE's two alert-update APIs:
+
+- `POST …/api/alerts/batchUpdate` (docs/mde-api.md §1-4): `alertIds` plus the properties to set,
+  `MaximumBatchSizeExceeded`, 200 with an empty body on success.
+- `PATCH …/api/alerts/{id}` (docs/mde-api.md §5, §8): one alert named in the path, the same properties
+  (an `alertIds` in the body is ignored like any unknown name), 200 with the updated alert entity
+  `{"id", "status", "classification", "determination", "assignedTo", "comments": [{"comment",
+  "createdTime"}]}`, 404 `NotFound` for an id configured as unknown.
+
+Both obey: bearer tokens from the identity emulator for an accepted audience, case-sensitive body names
+(a wrongly cased name is ignored and reported in the call record), exact-case enum values,
+sliding-window rate limits answered with 429 + `Retry-After`, and `{"error": {"code", "message",
+"target"}}` on every error. Both update one shared state per alert, where comments are appended, never
+replaced.
 
 Where MDE's behaviour is *not* documented the emulator picks one behaviour and says so:
+- Each API has its own rate-limit budget (batchUpdate `10/60,500/3600`, PATCH `100/60,1500/3600`, both
+  configurable): whether MDE counts the two APIs together is undocumented, and each page gives its
+  limits "for this API". A 429 on one API never blocks the other.
 - A call refused with 429 by the rate limiter is not counted in the windows (how MDE counts rejected
   calls is undocumented). Calls refused with 401 are never counted either (they cannot be attributed to
   an app). Every other call that reaches the limiter counts, whatever it is answered afterwards.
-- If any id of a call is configured as unknown, the whole call fails with 404 and nothing is applied
-  (MDE's partial-failure behaviour is undocumented; the single-alert PATCH answers 404).
+- If any id of a batchUpdate call is configured as unknown, the whole call fails with 404 and nothing is
+  applied (MDE's partial-failure behaviour is undocumented; the single-alert PATCH answers 404).
+- PATCH checks its body (JSON object, enums) before the unknown id, in batchUpdate's order, so a bad
+  body on an unknown id is a 400. PATCH on the batchUpdate path is a 405 naming POST, not an update of
+  an alert called "batchUpdate".
+- The PATCH entity carries only the fields the emulator keeps (no title, severity, createdBy...);
+  `createdTime` is when the comment was applied. A PATCH that a fault answers 200 without applying
+  (`apply: false`) returns the alert's unchanged entity.
 - JSON `null` for an optional property is treated as leaving the property out.
 
-Every call is recorded (see `CallRecord`) so tests can assert exactly-once delivery and that the app
-kept under the limits (`emulators.control.max_calls_in_any_window`).
+Every call is recorded (see `CallRecord`, whose `api` says which API it addressed) so tests can assert
+exactly-once delivery per channel and that the app kept under the limits
+(`emulators.control.max_calls_in_any_window`).
 """
 
 from __future__ import annotations
@@ -25,13 +45,16 @@ import bisect
 import contextlib
 import json
 import math
+import re
 import socket
 import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -45,11 +68,21 @@ from emulators.identity import (
 )
 
 BATCH_UPDATE_SUFFIX = "/api/alerts/batchUpdate"
+# `…/api/alerts/{id}`, matched on the still-encoded path so an id may carry an encoded `/`.
+ALERT_PATH = re.compile(r".*/api/alerts/(?P<alert_id>[^/]+)")
 DEFAULT_AUDIENCE = "https://api.securitycenter.microsoft.com"
 DEFAULT_RATE_LIMITS = "10/60,500/3600"
+DEFAULT_PATCH_RATE_LIMITS = "100/60,1500/3600"
 DEFAULT_MAX_BATCH = 500
 
+# What `CallRecord.api` says: which emulated API a call addressed.
+API_BATCH_UPDATE = "batchUpdate"
+API_PATCH = "patch"
+API_UNKNOWN = "unknown"
+
 KNOWN_FIELDS = ("alertIds", "status", "assignedTo", "classification", "determination", "comment")
+# PATCH names its alert in the path: an `alertIds` in its body is just another ignored key.
+PATCH_FIELDS = tuple(name for name in KNOWN_FIELDS if name != "alertIds")
 STATUSES = ("New", "InProgress", "Resolved")
 CLASSIFICATIONS = ("Unknown", "FalsePositive", "TruePositive", "InformationalExpectedActivity")
 DETERMINATIONS = (
@@ -82,7 +115,8 @@ DEFAULT_FAULT_MESSAGES = {
     403: "Missing application roles. API required roles: Alert.ReadWrite.All",
     429: "Rate limit is exceeded. Try again later.",
 }
-FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset"})
+FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset", "api"})
+FAULT_APIS = (API_BATCH_UPDATE, API_PATCH)
 
 
 class ApiError(Exception):
@@ -96,6 +130,40 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which emulated API a request addresses, decided before the call is recorded.
+
+    A request that addresses none is still recorded (as `API_UNKNOWN`), then answered `error`.
+    """
+
+    api: str
+    alert_id: str | None = None
+    error: ApiError | None = None
+
+
+def resolve_route(method: str, path: str, raw_path: str) -> Route:
+    """POST `…/api/alerts/batchUpdate` or PATCH `…/api/alerts/{id}`; the base path may carry a prefix.
+
+    `path` is decoded (for matching batchUpdate and for messages), `raw_path` still encoded (for the
+    id). The batchUpdate path is never an alert id: PATCH on it is a 405 naming POST, as before PATCH
+    existed, so a client that sends the wrong verb to batchUpdate is not taken for a single-alert update.
+    """
+    if path.endswith(BATCH_UPDATE_SUFFIX):
+        return Route(API_BATCH_UPDATE) if method == "POST" else _wrong_method(method, path, "POST")
+    match = ALERT_PATH.fullmatch(raw_path)
+    if match is None:
+        return Route(API_UNKNOWN, error=ApiError(404, "ResourceNotFound", f"No emulated route for {path}."))
+    if method != "PATCH":
+        return _wrong_method(method, path, "PATCH")
+    return Route(API_PATCH, alert_id=unquote(match["alert_id"]))
+
+
+def _wrong_method(method: str, path: str, allowed: str) -> Route:
+    message = f"{method} is not allowed on {path}; use {allowed}."
+    return Route(API_UNKNOWN, error=ApiError(405, "BadRequest", message))
 
 
 # --- rate limits -------------------------------------------------------------------------------------
@@ -183,6 +251,9 @@ class MdeConfig:
     """What `POST /_emulator/config` may change; `reset` restores the command-line values."""
 
     rate_limits: tuple[RateLimit, ...] = field(default_factory=lambda: parse_rate_limits(DEFAULT_RATE_LIMITS))
+    patch_rate_limits: tuple[RateLimit, ...] = field(
+        default_factory=lambda: parse_rate_limits(DEFAULT_PATCH_RATE_LIMITS)
+    )
     max_batch: int = DEFAULT_MAX_BATCH
     unknown_ids: frozenset[str] = frozenset()
     accepted_audiences: frozenset[str] = frozenset({DEFAULT_AUDIENCE})
@@ -191,6 +262,7 @@ class MdeConfig:
     def to_json(self) -> dict[str, Any]:
         return {
             "rateLimits": format_rate_limits(self.rate_limits),
+            "patchRateLimits": format_rate_limits(self.patch_rate_limits),
             "maxBatch": self.max_batch,
             "unknownIds": sorted(self.unknown_ids),
             "acceptedAudiences": sorted(self.accepted_audiences),
@@ -206,10 +278,16 @@ class MdeConfig:
         return replace(self, **changes)
 
 
-def _parse_limits_field(value: Any) -> tuple[RateLimit, ...]:
-    if not isinstance(value, str):
-        raise ValueError("rateLimits must be a string like '10/60,500/3600' ('' for none).")
-    return parse_rate_limits(value)
+def _parse_limits_field(name: str) -> Callable[[Any], tuple[RateLimit, ...]]:
+    def parse(value: Any) -> tuple[RateLimit, ...]:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string like '10/60,500/3600' ('' for none).")
+        try:
+            return parse_rate_limits(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+
+    return parse
 
 
 def _parse_max_batch(value: Any) -> int:
@@ -228,7 +306,8 @@ def _parse_string_set(name: str) -> Callable[[Any], frozenset[str]]:
 
 
 _CONFIG_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "rateLimits": _parse_limits_field,
+    "rateLimits": _parse_limits_field("rateLimits"),
+    "patchRateLimits": _parse_limits_field("patchRateLimits"),
     "maxBatch": _parse_max_batch,
     "unknownIds": _parse_string_set("unknownIds"),
     "acceptedAudiences": _parse_string_set("acceptedAudiences"),
@@ -236,6 +315,7 @@ _CONFIG_PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 _CONFIG_ATTRS = {
     "rateLimits": "rate_limits",
+    "patchRateLimits": "patch_rate_limits",
     "maxBatch": "max_batch",
     "unknownIds": "unknown_ids",
     "acceptedAudiences": "accepted_audiences",
@@ -247,6 +327,8 @@ _CONFIG_ATTRS = {
 class Fault:
     """One scripted misbehaviour, consumed by the next admitted call (see README: fault injection).
 
+    With `api` set ("batchUpdate" or "patch") only a call of that API takes it, so a test can aim a
+    fault at one channel while the other keeps flowing; without it, the next call of either API does.
     `delay_seconds` is slept first. Then `status` answers that error; `reset` aborts the connection
     (after processing the update if `apply`); otherwise the call is processed normally (`apply`, the
     default for a pure delay) or answered 200 without touching any alert (`apply: false`).
@@ -260,6 +342,10 @@ class Fault:
     delay_seconds: float = 0.0
     reset: bool = False
     apply: bool = True
+    api: str | None = None
+
+    def meant_for(self, api: str) -> bool:
+        return self.api is None or self.api == api
 
 
 def parse_fault(raw: Any) -> Fault:
@@ -285,7 +371,16 @@ def parse_fault(raw: Any) -> Fault:
         delay_seconds=_optional_seconds(raw, "delaySeconds") or 0.0,
         reset=_bool(raw, "reset", False),
         apply=_bool(raw, "apply", not reset),
+        api=_fault_api(raw.get("api")),
     )
+
+
+def _fault_api(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in FAULT_APIS:
+        raise ValueError(f"A fault 'api' must be one of {', '.join(FAULT_APIS)} (or left out for either).")
+    return value
 
 
 def _fault_status(value: Any) -> int | None:
@@ -339,8 +434,10 @@ def fault_error(fault: Fault) -> ApiError:
 class CallRecord:
     """Everything a test may want to know about one call, including what it was answered.
 
-    `time` is `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so
-    it compares with the test process's own monotonic clock. `status` stays None until answered (a
+    `api` is the emulated API the call addressed (`API_UNKNOWN` for a 404/405 route error), so tests
+    and benchmarks can count calls per API; `path_alert_id` is a PATCH call's alert id. `time` is
+    `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so it
+    compares with the test process's own monotonic clock. `status` stays None until answered (a
     delayed call in flight) and for a call whose connection was reset (`aborted`).
     """
 
@@ -354,6 +451,8 @@ class CallRecord:
     body: str
     json: Any
     ignored_keys: list[str]
+    api: str = API_UNKNOWN
+    path_alert_id: str | None = None
     admitted: bool = False
     client_id: str | None = None
     fault: dict[str, Any] | None = None
@@ -361,9 +460,20 @@ class CallRecord:
     error_code: str | None = None
     aborted: bool = False
 
+    @property
+    def alert_ids(self) -> list[str]:
+        """The alert ids the call named: PATCH's path id, else the strings in the body's `alertIds`."""
+        if self.path_alert_id is not None:
+            return [self.path_alert_id]
+        ids = self.json.get("alertIds") if isinstance(self.json, dict) else None
+        return [item for item in ids if isinstance(item, str)] if isinstance(ids, list) else []
+
     def to_json(self) -> dict[str, Any]:
+        """The record for `/_emulator/calls`; `alertIds` reads the same for every API (see `alert_ids`)."""
         return {
             "seq": self.seq,
+            "api": self.api,
+            "alertIds": self.alert_ids,
             "time": self.time,
             "wallTime": self.wall_time,
             "method": self.method,
@@ -382,33 +492,64 @@ class CallRecord:
         }
 
 
+@dataclass(frozen=True)
+class AlertComment:
+    """One comment on an alert: its text, when it was applied (ISO-8601 UTC) and by which call."""
+
+    comment: str
+    created_time: str
+    seq: int
+
+
 @dataclass
 class AlertState:
-    """An alert as far as batchUpdate can change it; comments accumulate, as in MDE (FACTS §5)."""
+    """An alert as far as batchUpdate and PATCH can change it; comments accumulate, as in MDE (FACTS §5).
+
+    Both APIs update the same state, so a test can check each comment landed exactly once per alert
+    whichever way it was sent. `update_seqs` lists the seqs of the calls (of either API) that applied.
+    """
 
     id: str
     status: str | None = None
     classification: str | None = None
     determination: str | None = None
     assigned_to: str | None = None
-    comments: list[str] = field(default_factory=list)
+    comments: list[AlertComment] = field(default_factory=list)
     update_seqs: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The control API's view: `comments` stays a list of strings; `commentEntries` adds when/which."""
         return {
             "id": self.id,
             "status": self.status,
             "classification": self.classification,
             "determination": self.determination,
             "assignedTo": self.assigned_to,
-            "comments": self.comments,
+            "comments": [entry.comment for entry in self.comments],
+            "commentEntries": [
+                {"comment": entry.comment, "createdTime": entry.created_time, "seq": entry.seq}
+                for entry in self.comments
+            ],
             "updateSeqs": self.update_seqs,
+        }
+
+    def entity(self) -> dict[str, Any]:
+        """The alert entity PATCH answers with: the fields it can change, comments as MDE lists them."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "classification": self.classification,
+            "determination": self.determination,
+            "assignedTo": self.assigned_to,
+            "comments": [
+                {"comment": entry.comment, "createdTime": entry.created_time} for entry in self.comments
+            ],
         }
 
 
 @dataclass(frozen=True)
 class Update:
-    """A validated batchUpdate body: which alerts, and the properties it sets (None = left out)."""
+    """A validated update of either API: which alerts, and the properties it sets (None = left out)."""
 
     alert_ids: list[str]
     status: str | None
@@ -425,10 +566,11 @@ def _parse_json(text: str) -> Any:
         return None
 
 
-def _ignored_keys(parsed: Any) -> list[str]:
+def _ignored_keys(parsed: Any, api: str) -> list[str]:
     if not isinstance(parsed, dict):
         return []
-    return [key for key in parsed if key not in KNOWN_FIELDS]
+    known = PATCH_FIELDS if api == API_PATCH else KNOWN_FIELDS
+    return [key for key in parsed if key not in known]
 
 
 def _body_object(record: CallRecord) -> dict[str, Any]:
@@ -469,9 +611,14 @@ def _text_field(body: Mapping[str, Any], name: str) -> str | None:
 
 
 def validate_update(record: CallRecord, config: MdeConfig) -> Update:
-    """Steps 5-9 of the brief, in order; raises the first ApiError that applies."""
+    """Steps 5-9 of the brief, in order; raises the first ApiError that applies.
+
+    PATCH takes its one id from the path and skips the `alertIds` checks; everything else (body,
+    enums, unknown ids last) is the same for both APIs.
+    """
     body = _body_object(record)
-    ids = _alert_ids(body, config.max_batch)
+    path_id = record.path_alert_id
+    ids = [path_id] if path_id is not None else _alert_ids(body, config.max_batch)
     update = Update(
         alert_ids=ids,
         status=_enum_field(body, "status", STATUSES),
@@ -483,9 +630,16 @@ def validate_update(record: CallRecord, config: MdeConfig) -> Update:
         comment=_text_field(body, "comment"),
     )
     unknown = [alert_id for alert_id in ids if alert_id in config.unknown_ids]
+    if unknown and record.path_alert_id is not None:
+        raise ApiError(404, "NotFound", f"Alert not found: {record.path_alert_id}. Nothing was updated.")
     if unknown:
         raise ApiError(404, "NotFound", f"Alert(s) not found: {', '.join(unknown)}. Nothing was updated.")
     return update
+
+
+def _now_iso() -> str:
+    """The current UTC time as MDE writes it, e.g. `2024-05-01T12:00:00.123456Z`."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # --- the emulator ------------------------------------------------------------------------------------
@@ -508,7 +662,11 @@ class MdeEmulator:
         self.calls: list[CallRecord] = []
         self.faults: deque[Fault] = deque()
         self.alerts: dict[str, AlertState] = {}
-        self.limiter = SlidingWindowLimiter(self.config.rate_limits)
+        # One limiter per API: how MDE counts the two APIs against each other is undocumented.
+        self.limiters = {
+            API_BATCH_UPDATE: SlidingWindowLimiter(self.config.rate_limits),
+            API_PATCH: SlidingWindowLimiter(self.config.patch_rate_limits),
+        }
         self._seq = 0
 
     def app(self) -> web.Application:
@@ -530,19 +688,22 @@ class MdeEmulator:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Record, then answer: wrong route, 401, 429, scripted fault, validation error or 200."""
         text = (await request.read()).decode("utf-8", errors="replace")
-        record = self._record(request, text)
+        route = resolve_route(request.method, request.path, request.rel_url.raw_path)
+        record = self._record(request, text, route)
         try:
-            self._check_route(request)
+            if route.error is not None:
+                raise route.error
             self._authenticate(request, record)
             self._admit(record)
-            if self.faults:
-                return await self._run_fault(request, record, self.faults.popleft())
+            fault = self._take_fault(record.api)
+            if fault is not None:
+                return await self._run_fault(request, record, fault)
             self._apply(validate_update(record, self.config), record)
         except ApiError as err:
             return self._answer_error(request, record, err)
         return self._answer_ok(request, record)
 
-    def _record(self, request: web.Request, text: str) -> CallRecord:
+    def _record(self, request: web.Request, text: str, route: Route) -> CallRecord:
         self._seq += 1
         parsed = _parse_json(text)
         record = CallRecord(
@@ -555,16 +716,12 @@ class MdeEmulator:
             content_type=request.headers.get("Content-Type"),
             body=text,
             json=parsed,
-            ignored_keys=_ignored_keys(parsed),
+            ignored_keys=_ignored_keys(parsed, route.api),
+            api=route.api,
+            path_alert_id=route.alert_id,
         )
         self.calls.append(record)
         return record
-
-    def _check_route(self, request: web.Request) -> None:
-        if not request.path.endswith(BATCH_UPDATE_SUFFIX):
-            raise ApiError(404, "ResourceNotFound", f"No emulated route for {request.path}.")
-        if request.method != "POST":
-            raise ApiError(405, "BadRequest", f"{request.method} is not allowed on {request.path}; use POST.")
 
     def _authenticate(self, request: web.Request, record: CallRecord) -> None:
         header = request.headers.get("Authorization", "")
@@ -578,12 +735,20 @@ class MdeEmulator:
         record.client_id = issued.client_id
 
     def _admit(self, record: CallRecord) -> None:
-        wait = self.limiter.try_admit(record.time)
+        wait = self.limiters[record.api].try_admit(record.time)
         if wait is not None:
             seconds = retry_after_header(wait)
             message = f"Rate limit is exceeded. Try again in {seconds} seconds."
             raise ApiError(429, "TooManyRequests", message, {"Retry-After": seconds})
         record.admitted = True
+
+    def _take_fault(self, api: str) -> Fault | None:
+        """Remove and return the first queued fault this API's call may take (FIFO otherwise)."""
+        for index, fault in enumerate(self.faults):
+            if fault.meant_for(api):
+                del self.faults[index]
+                return fault
+        return None
 
     async def _run_fault(self, request: web.Request, record: CallRecord, fault: Fault) -> web.StreamResponse:
         record.fault = fault.raw
@@ -610,6 +775,7 @@ class MdeEmulator:
             record.error_code = err.code
 
     def _apply(self, update: Update, record: CallRecord) -> None:
+        created_time = _now_iso()
         for alert_id in update.alert_ids:
             alert = self.alerts.setdefault(alert_id, AlertState(id=alert_id))
             alert.status = update.status or alert.status
@@ -617,13 +783,17 @@ class MdeEmulator:
             alert.determination = update.determination or alert.determination
             alert.assigned_to = update.assigned_to if update.assigned_to is not None else alert.assigned_to
             if update.comment is not None:
-                alert.comments.append(update.comment)
+                alert.comments.append(AlertComment(update.comment, created_time, record.seq))
             alert.update_seqs.append(record.seq)
 
     def _answer_ok(self, request: web.Request, record: CallRecord) -> web.Response:
+        """batchUpdate: 200 with an empty body. PATCH: 200 with the alert entity as it now stands."""
         record.status = 200
         request[LOG_DETAIL] = _log_detail(record)
-        return web.Response(status=200)
+        if record.path_alert_id is None:
+            return web.Response(status=200)
+        alert = self.alerts.get(record.path_alert_id) or AlertState(id=record.path_alert_id)
+        return web.json_response(alert.entity())
 
     def _answer_error(self, request: web.Request, record: CallRecord, err: ApiError) -> web.Response:
         record.status, record.error_code = err.status, err.code
@@ -674,7 +844,8 @@ class MdeEmulator:
             self.config = self.config.updated(await read_json_object(request))
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
-        self.limiter.limits = self.config.rate_limits
+        self.limiters[API_BATCH_UPDATE].limits = self.config.rate_limits
+        self.limiters[API_PATCH].limits = self.config.patch_rate_limits
         return web.json_response({"config": self.config.to_json()})
 
     async def get_alerts(self, request: web.Request) -> web.Response:
@@ -692,8 +863,7 @@ def _unauthorized(message: str) -> ApiError:
 
 
 def _log_detail(record: CallRecord) -> str:
-    ids = record.json.get("alertIds") if isinstance(record.json, dict) else None
-    count = len(ids) if isinstance(ids, list) else 0
+    count = len(record.alert_ids)
     outcome = "aborted" if record.aborted else (record.error_code or "ok")
     fault = " fault" if record.fault is not None else ""
     return f"seq={record.seq} ids={count} {outcome}{fault}"

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -67,10 +68,11 @@ async def fetch_token(
 
 
 class MdeApi:
-    """Calls the emulated batchUpdate with a valid token and JSON content type unless told otherwise."""
+    """Calls the emulated batchUpdate (or PATCH) with a valid token and JSON type unless told otherwise."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str) -> None:
         self.session = session
+        self.base_url = base_url
         self.url = base_url + BATCH_UPDATE
         self.token = token
 
@@ -96,6 +98,23 @@ class MdeApi:
             data=payload.encode(),
             headers=self.default_headers() if headers is None else headers,
             timeout=client_timeout,
+        ) as response:
+            return Answer(response.status, response.headers, await response.text())
+
+    async def patch(
+        self,
+        alert_id: str,
+        body: Any = None,
+        *,
+        data: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        """PATCH `…/api/alerts/{alert_id}` (id percent-encoded) with `body` as JSON, or `data` verbatim."""
+        payload = data if data is not None else json.dumps(body if body is not None else {})
+        async with self.session.patch(
+            f"{self.base_url}/api/alerts/{quote(alert_id, safe='')}",
+            data=payload.encode(),
+            headers=self.default_headers() if headers is None else headers,
         ) as response:
             return Answer(response.status, response.headers, await response.text())
 

@@ -8,10 +8,12 @@ clocks, so a slow machine fails them loudly instead of letting them pass for the
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,17 @@ import aiohttp
 import pytest
 
 from devhost.services import Service, start_emulators
-from emulators.control import EmulatorControl, max_calls_in_any_window
-from emulators.mde import SlidingWindowLimiter, parse_rate_limits
-from tests.emulators.conftest import DOCUMENTED_EXAMPLE, MDE_RESOURCE, MdeApi, fetch_token, wait_until
+from emulators.__main__ import build_parser
+from emulators.control import EmulatorControl, EmulatorControlError, max_calls_in_any_window
+from emulators.mde import RateLimit, SlidingWindowLimiter, parse_rate_limits, retry_after_header
+from tests.emulators.conftest import (
+    DOCUMENTED_EXAMPLE,
+    MDE_RESOURCE,
+    Answer,
+    MdeApi,
+    fetch_token,
+    wait_until,
+)
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ID_A = "da637551227677560813_-961444813"
@@ -99,6 +109,51 @@ async def test_token_for_another_audience_is_401_unless_configured(
 
     await ctl.configure(accepted_audiences=[other])
     assert (await mde.update({"alertIds": [ID_A]})).status == 200
+
+
+# --- routes and call records --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "named"),
+    [
+        ("GET", "/api/alerts/batchUpdate", 405, "POST"),
+        ("PATCH", "/api/alerts/batchUpdate", 405, "POST"),  # not an alert called "batchUpdate"
+        ("GET", f"/api/alerts/{ID_A}", 405, "PATCH"),
+        ("POST", f"/api/alerts/{ID_A}", 405, "PATCH"),
+        ("PATCH", "/api/alerts/", 404, "/api/alerts/"),
+        ("PATCH", f"/api/alerts/{ID_A}/comments", 404, "/comments"),
+        ("POST", "/api/alerts", 404, "/api/alerts"),
+        ("POST", "/api/incidents/batchUpdate/x", 404, "/api/incidents/batchUpdate/x"),
+    ],
+)
+async def test_route_errors_are_recorded_as_unknown_api(
+    mde: MdeApi, ctl: EmulatorControl, method: str, path: str, status: int, named: str
+) -> None:
+    async with mde.session.request(
+        method, mde.base_url + path, json={"alertIds": [ID_A]}, headers=mde.default_headers()
+    ) as response:
+        answer = Answer(response.status, response.headers, await response.text())
+
+    assert answer.status == status
+    assert named in answer.error()["message"]
+    [call] = await ctl.calls()
+    assert (call["api"], call["status"], call["admitted"]) == ("unknown", status, False)
+    assert await ctl.calls(api="batchUpdate") == []
+    assert await ctl.alerts() == {}
+
+
+async def test_batch_update_record_names_its_api_and_alert_ids(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await mde.update({"alertIds": [ID_A, ID_B], "status": "Resolved"})
+    await mde.update({"alertIds": [ID_A, 7]})  # 400, but the string ids it named are still listed
+
+    calls = await ctl.calls()
+    assert [(c["api"], c["alertIds"], c["status"]) for c in calls] == [
+        ("batchUpdate", [ID_A, ID_B], 200),
+        ("batchUpdate", [ID_A], 400),
+    ]
+    assert calls[0]["json"]["alertIds"] == [ID_A, ID_B]  # the raw body stays where it was
+    assert await ctl.calls(api="batchUpdate") == calls
 
 
 # --- body rules --------------------------------------------------------------------------------------
@@ -267,6 +322,243 @@ async def test_comments_are_appended_and_left_out_properties_kept(mde: MdeApi, c
     assert alert["updateSeqs"] == [1, 2, 3]
 
 
+# --- single-alert PATCH ------------------------------------------------------------------------------
+
+
+def utc_time(text: str) -> datetime:
+    """An ISO-8601 UTC timestamp as the entity writes it (`...Z`), parsed; fails on anything else."""
+    assert text.endswith("Z"), text
+    parsed = datetime.fromisoformat(text)
+    assert parsed.utcoffset() == timedelta(0), text
+    return parsed
+
+
+async def test_patch_answers_the_updated_entity_and_appends_comments(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    first = await mde.patch(
+        ID_A, {"status": "InProgress", "classification": "TruePositive", "comment": "one"}
+    )
+    second = await mde.patch(
+        ID_A,
+        {"status": "Resolved", "determination": "Malware", "assignedTo": "a@contoso.com", "comment": "two"},
+    )
+
+    assert (first.status, second.status) == (200, 200)
+    assert second.headers["Content-Type"].startswith("application/json")
+    entity = json.loads(second.text)
+    comments = entity.pop("comments")
+    assert entity == {
+        "id": ID_A,
+        "status": "Resolved",
+        "classification": "TruePositive",  # left out of the second call: kept
+        "determination": "Malware",
+        "assignedTo": "a@contoso.com",
+    }
+    assert [c["comment"] for c in comments] == ["one", "two"]  # appended, never replaced
+    assert all(set(c) == {"comment", "createdTime"} for c in comments)
+    assert json.loads(first.text)["comments"] == comments[:1]
+    walls = [c["wallTime"] for c in await ctl.calls()]
+    created = [utc_time(c["createdTime"]).timestamp() for c in comments]
+    assert walls[0] - 0.001 <= created[0] <= walls[1] <= created[1] + 0.001  # applied by its own call
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert (alert["comments"], alert["updateSeqs"]) == (["one", "two"], [1, 2])
+
+
+async def test_patch_of_a_fresh_alert_with_an_empty_body_changes_nothing(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    answer = await mde.patch(ID_A, {})
+
+    assert answer.status == 200
+    assert json.loads(answer.text) == {
+        "id": ID_A,
+        "status": None,
+        "classification": None,
+        "determination": None,
+        "assignedTo": None,
+        "comments": [],
+    }
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert alert["updateSeqs"] == [1]  # like batchUpdate with only alertIds: accepted, and it counts
+
+
+async def test_patch_works_under_a_prefixed_base_path(mde: MdeApi, ctl: EmulatorControl) -> None:
+    mde.base_url += "/tenant-x"
+
+    answer = await mde.patch(ID_A, {"status": "Resolved"})
+
+    assert answer.status == 200
+    [call] = await ctl.calls()
+    assert (call["api"], call["alertIds"], call["path"]) == ("patch", [ID_A], f"/tenant-x/api/alerts/{ID_A}")
+
+
+async def test_patch_ignores_wrongly_cased_names_and_alert_ids(mde: MdeApi, ctl: EmulatorControl) -> None:
+    body = {"Status": "Resolved", "alertIds": [ID_B], "classification": "FalsePositive", "Comment": "x"}
+
+    answer = await mde.patch(ID_A, body)
+
+    assert answer.status == 200
+    entity = json.loads(answer.text)
+    assert (entity["status"], entity["classification"], entity["comments"]) == (None, "FalsePositive", [])
+    assert await ctl.alert(ID_B) is None  # the body's alertIds named nothing
+    [call] = await ctl.calls()
+    assert call["ignoredKeys"] == ["Status", "alertIds", "Comment"]
+    assert (call["api"], call["method"], call["alertIds"]) == ("patch", "PATCH", [ID_A])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("status", "resolved"),
+        ("classification", "falsePositive"),
+        ("determination", "Clean"),
+        ("assignedTo", 7),
+        ("comment", ["x"]),
+    ],
+)
+async def test_patch_bad_values_are_invalid_input(
+    mde: MdeApi, ctl: EmulatorControl, field: str, value: Any
+) -> None:
+    answer = await mde.patch(ID_A, {"comment": "c", field: value})
+
+    assert answer.status == 400
+    error = answer.error()
+    assert error["code"] == "InvalidInput"
+    assert field in error["message"]
+    assert await ctl.alert(ID_A) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [('{"status": "New"}', "text/plain"), ('["New"]', "application/json")],
+    ids=["text-plain", "json-list"],
+)
+async def test_patch_non_json_object_body_is_invalid_request_body(
+    mde: MdeApi, ctl: EmulatorControl, data: str, content_type: str
+) -> None:
+    headers = {"Authorization": f"Bearer {mde.token}", "Content-Type": content_type}
+
+    answer = await mde.patch(ID_A, data=data, headers=headers)
+
+    assert answer.status == 400
+    assert answer.error()["code"] == "InvalidRequestBody"
+    assert await ctl.alert(ID_A) is None
+
+
+async def test_unknown_id_is_404_on_both_apis_and_applies_nothing(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.configure(unknown_ids=[ID_B])
+
+    patched = await mde.patch(ID_B, {"status": "Resolved", "comment": "c"})
+    batched = await mde.update({"alertIds": [ID_A, ID_B], "status": "Resolved", "comment": "c"})
+
+    for answer in (patched, batched):
+        assert answer.status == 404
+        assert answer.error()["code"] == "NotFound"
+        assert ID_B in answer.error()["message"]
+    assert await ctl.alerts() == {}
+    assert (await mde.patch(ID_A, {"comment": "c"})).status == 200  # a known id is still served
+
+
+@pytest.mark.parametrize("exhausted", ["batchUpdate", "patch"])
+async def test_each_api_has_its_own_rate_limit(mde: MdeApi, ctl: EmulatorControl, exhausted: str) -> None:
+    await ctl.configure(rate_limits="2/60", patch_rate_limits="2/60")
+    other = "patch" if exhausted == "batchUpdate" else "batchUpdate"
+
+    async def status(api: str) -> int:
+        answer = await (mde.update({"alertIds": [ID_A]}) if api == "batchUpdate" else mde.patch(ID_A))
+        return answer.status
+
+    first = [await status(exhausted) for _ in range(3)]
+    then = [await status(other) for _ in range(3)]
+
+    assert first == [200, 200, 429]
+    assert then == [200, 200, 429]  # a full budget on one API does not refuse the other
+    calls = await ctl.calls()
+    assert [c["api"] for c in calls] == [exhausted] * 3 + [other] * 3
+    assert [c["admitted"] for c in calls] == [True, True, False] * 2
+
+
+async def test_patch_429_has_retry_after_and_refused_calls_do_not_count(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    await ctl.configure(patch_rate_limits="1/60")
+
+    unauthenticated = await mde.patch(ID_A, {"comment": "x"}, headers={"Content-Type": "application/json"})
+    admitted = await mde.patch(ID_A, {"comment": "one"})
+    refused = await mde.patch(ID_A, {"comment": "two"})
+
+    assert [a.status for a in (unauthenticated, admitted, refused)] == [401, 200, 429]  # 401 not counted
+    assert refused.error()["code"] == "TooManyRequests"
+    times = [c["time"] for c in await ctl.calls()]
+    assert refused.headers["Retry-After"] == retry_after_header(times[1] + 60 - times[2])
+    assert int(refused.headers["Retry-After"]) >= 1
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert alert["comments"] == ["one"]
+
+    await ctl.configure(patch_rate_limits="2/60")  # room for one more, unless the 429 had counted
+    assert [(await mde.patch(ID_A)).status for _ in range(2)] == [200, 429]
+
+
+async def test_patch_rate_limits_config_field(mde: MdeApi, ctl: EmulatorControl) -> None:
+    assert (await ctl.configure(patchRateLimits="1/60"))["patchRateLimits"] == "1/60"
+    assert [(await mde.patch(ID_A)).status for _ in range(2)] == [200, 429]
+
+    config = await ctl.configure(patch_rate_limits="")  # changes the live limiter, keeps batchUpdate's
+
+    assert (config["patchRateLimits"], config["rateLimits"]) == ("", "10/60,500/3600")
+    assert [(await mde.patch(ID_A)).status for _ in range(3)] == [200, 200, 200]
+    for bad in ("1/0", 5):
+        with pytest.raises(EmulatorControlError, match="patchRateLimits"):
+            await ctl.configure(patch_rate_limits=bad)
+    assert (await ctl.configure())["patchRateLimits"] == ""
+
+
+def test_patch_rate_limits_command_line_flag() -> None:
+    required = ["--mde-port", "0", "--identity-port", "0", "--identity-header", "s"]
+    parser = build_parser()
+
+    assert parser.parse_args(required).patch_rate_limits == parse_rate_limits("100/60,1500/3600")
+    assert parser.parse_args([*required, "--patch-rate-limits", "3/10"]).patch_rate_limits == (
+        RateLimit(3, 10.0),
+    )
+    assert parser.parse_args([*required, "--patch-rate-limits", ""]).patch_rate_limits == ()
+    assert parser.parse_args([*required, "--patch-rate-limits", "3/10"]).rate_limits == parse_rate_limits(
+        "10/60,500/3600"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--patch-rate-limits", "3"])
+
+
+async def test_each_comment_lands_once_per_alert_across_both_apis(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await mde.update({"alertIds": [ID_A, ID_B], "status": "InProgress", "comment": "b1"})
+    await mde.patch(ID_A, {"comment": "p1"})
+    last = await mde.patch(ID_B, {"status": "Resolved", "comment": "p2"})
+    await mde.update({"alertIds": [ID_A], "comment": "b2"})
+
+    alerts = await ctl.alerts()
+    assert (alerts[ID_A]["comments"], alerts[ID_A]["updateSeqs"]) == (["b1", "p1", "b2"], [1, 2, 4])
+    assert (alerts[ID_B]["comments"], alerts[ID_B]["updateSeqs"]) == (["b1", "p2"], [1, 3])
+    assert [(e["comment"], e["seq"]) for e in alerts[ID_A]["commentEntries"]] == [
+        ("b1", 1),
+        ("p1", 2),
+        ("b2", 4),
+    ]
+    entity = json.loads(last.text)
+    assert (entity["status"], [c["comment"] for c in entity["comments"]]) == ("Resolved", ["b1", "p2"])
+    calls = await ctl.calls()
+    assert [(c["api"], c["alertIds"]) for c in calls] == [
+        ("batchUpdate", [ID_A, ID_B]),
+        ("patch", [ID_A]),
+        ("patch", [ID_B]),
+        ("batchUpdate", [ID_A]),
+    ]
+    assert [c["seq"] for c in await ctl.calls(api="patch")] == [2, 3]
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 
@@ -401,6 +693,76 @@ async def test_faults_are_consumed_only_by_admitted_calls(mde: MdeApi, ctl: Emul
     assert [c["admitted"] for c in await ctl.calls()] == [False, True, True, False]
 
 
+async def test_fault_with_api_is_taken_only_by_that_api(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 503, "api": "patch"}, {"status": 500}])
+
+    batched = await mde.update({"alertIds": [ID_A], "comment": "b"})  # passes the PATCH fault by
+    pending = await ctl.pending_faults()
+    patched = await mde.patch(ID_A, {"comment": "p"})
+    again = await mde.patch(ID_A, {"comment": "p"})
+
+    assert pending == [{"status": 503, "api": "patch"}]
+    assert [a.status for a in (batched, patched, again)] == [500, 503, 200]
+    assert [c["fault"] for c in await ctl.calls()] == [{"status": 500}, {"status": 503, "api": "patch"}, None]
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert (alert["comments"], alert["updateSeqs"]) == (["p"], [3])  # faulted calls applied nothing
+
+
+async def test_fault_without_api_is_taken_by_patch_too(mde: MdeApi, ctl: EmulatorControl) -> None:
+    await ctl.add_faults([{"status": 502, "api": "batchUpdate"}, {"status": 504}])
+
+    first = await mde.patch(ID_A)
+    second = await mde.patch(ID_A)
+    pending = await ctl.pending_faults()
+    batched = await mde.update({"alertIds": [ID_A]})
+
+    assert [a.status for a in (first, second, batched)] == [504, 200, 502]
+    assert first.error()["code"] == "GatewayTimeout"
+    assert pending == [{"status": 502, "api": "batchUpdate"}]
+    assert await ctl.pending_faults() == []
+
+
+@pytest.mark.parametrize("api", ["PATCH", "batchupdate", "unknown", 1])
+async def test_fault_api_must_name_an_api(ctl: EmulatorControl, api: Any) -> None:
+    with pytest.raises(EmulatorControlError, match="'api'"):
+        await ctl.add_faults([{"status": 500}, {"status": 500, "api": api}])
+    assert await ctl.pending_faults() == []
+
+
+@pytest.mark.parametrize("apply", [False, True])
+async def test_reset_fault_on_patch_applies_only_if_told(
+    mde: MdeApi, ctl: EmulatorControl, apply: bool
+) -> None:
+    await ctl.add_faults([{"reset": True, "apply": apply, "api": "patch"}])
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await mde.patch(ID_A, {"status": "Resolved", "comment": "c"})
+
+    [call] = await ctl.calls()
+    assert (call["api"], call["aborted"], call["status"]) == ("patch", True, None)
+    alert = await ctl.alert(ID_A)
+    assert (alert is not None and alert["comments"] == ["c"]) is apply
+    assert (alert is not None and alert["updateSeqs"] == [1]) is apply
+
+
+async def test_delay_fault_on_patch_answers_the_entity_applied_or_not(
+    mde: MdeApi, ctl: EmulatorControl
+) -> None:
+    await ctl.add_faults([{"delaySeconds": 0.05, "apply": True}, {"delaySeconds": 0.05, "apply": False}])
+
+    applied = await mde.patch(ID_A, {"status": "Resolved", "comment": "kept"})
+    dropped = await mde.patch(ID_A, {"status": "New", "comment": "lost"})
+
+    assert (applied.status, dropped.status) == (200, 200)
+    for answer in (applied, dropped):  # apply: false answers the alert as it stands, unchanged
+        entity = json.loads(answer.text)
+        assert (entity["status"], [c["comment"] for c in entity["comments"]]) == ("Resolved", ["kept"])
+    alert = await ctl.alert(ID_A)
+    assert alert is not None
+    assert (alert["comments"], alert["updateSeqs"]) == (["kept"], [1])
+
+
 # --- rate limits -------------------------------------------------------------------------------------
 
 
@@ -459,15 +821,16 @@ async def test_refused_calls_do_not_count(mde: MdeApi, ctl: EmulatorControl) -> 
 
 
 async def test_reset_restores_command_line_config(ctl: EmulatorControl, mde: MdeApi) -> None:
-    changed = await ctl.configure(rate_limits="1/5", max_batch=2, unknown_ids=["x"])
+    changed = await ctl.configure(rate_limits="1/5", patch_rate_limits="1/5", max_batch=2, unknown_ids=["x"])
     await mde.update({"alertIds": [ID_A], "comment": "c"})
 
     await ctl.reset()
 
-    assert changed["maxBatch"] == 2
+    assert (changed["maxBatch"], changed["patchRateLimits"]) == (2, "1/5")
     restored = await ctl.configure()
     assert restored == {
         "rateLimits": "10/60,500/3600",
+        "patchRateLimits": "100/60,1500/3600",
         "maxBatch": 500,
         "unknownIds": [],
         "acceptedAudiences": ["https://api.securitycenter.microsoft.com"],
@@ -537,7 +900,8 @@ OTHER_AUDIENCE = "https://api.security.microsoft.com"
 @pytest.fixture
 def private_emulators(tmp_path: Path) -> Iterator[Service]:
     """An emulator process of its own, so revoking every token cannot disturb other tests' hosts."""
-    args = ["--rate-limits", "2/60", "--max-batch", "2", "--token-lifetime-seconds", "120"]
+    args = ["--rate-limits", "2/60", "--patch-rate-limits", "1/60", "--max-batch", "2"]
+    args += ["--token-lifetime-seconds", "120"]
     args += ["--audience", MDE_RESOURCE, "--audience", OTHER_AUDIENCE]
     service = start_emulators(tmp_path, identity_header="private-secret", extra_args=args)
     yield service
@@ -551,6 +915,7 @@ async def test_command_line_options_revoke_all_and_clean_exit(
     async with EmulatorControl(service.urls["mde"], service.urls["identity_base"]) as ctl:
         assert await ctl.configure() == {
             "rateLimits": "2/60",
+            "patchRateLimits": "1/60",
             "maxBatch": 2,
             "unknownIds": [],
             "acceptedAudiences": [OTHER_AUDIENCE, MDE_RESOURCE],
@@ -565,6 +930,7 @@ async def test_command_line_options_revoke_all_and_clean_exit(
         api = MdeApi(http, service.urls["mde"], issued["access_token"])
 
         assert (await other.update({"alertIds": [ID_A]})).status == 200  # second audience accepted
+        assert [(await api.patch(ID_B)).status for _ in range(2)] == [200, 429]  # --patch-rate-limits
         too_many = await api.update({"alertIds": [ID_A, ID_B, "x"]})
         assert too_many.error()["message"] == "Maximum batch size exceeded. Received: 3, allowed: 2"
 
@@ -579,3 +945,4 @@ async def test_command_line_options_revoke_all_and_clean_exit(
     log = service.log_path.read_text().splitlines()
     assert log[0] == f"EMULATORS READY mde={service.urls['mde']} identity={service.urls['identity']}"
     assert sum(" mde POST /api/alerts/batchUpdate " in line for line in log) == 5
+    assert sum(f" mde PATCH /api/alerts/{ID_B} " in line for line in log) == 2
