@@ -248,8 +248,9 @@ class Intake:
 
         `held` and `answer_for` go with the first try of the first chunk only (see Sender.attempt).
         """
-        if respond_async:
-            return [await self.sender.schedule(chunk, 0.0) or chunk for chunk in chunks]
+        if respond_async:  # expected when the budget frees up, as this process last saw it
+            expected = self.sender.limiter.expected_wait()
+            return [await self.sender.schedule(chunk, 0.0, expected) or chunk for chunk in chunks]
         deadline = self._clock() + self.settings.sync_max_wait_seconds
         todo, seen = list(chunks), list[Chunk]()
         while todo:

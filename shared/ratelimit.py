@@ -493,6 +493,15 @@ class RateLimiter:
             self._check_contention(conflicts, loop.time(), give_up)
             await asyncio.sleep(conflict_jitter(conflicts))
 
+    def expected_wait(self) -> float:
+        """How long a call asked for now would wait, from the entity as this process last saw it (no
+        I/O; 0 if it has seen none): an estimate for Retry-After, never a grant. Other instances may
+        have spent or freed budget since."""
+        if self._cached is None:
+            return 0.0
+        blocked = max(self._cached.blocked_until_ms, self._known_block_ms)
+        return decide(self._cached.log_ms, blocked, self._now_ms(), self._windows, self._margin)
+
     async def snapshot(self) -> BudgetSnapshot:
         """The budget as stored now (a fresh read, not the cache: health must show the truth)."""
         async with self._lock:

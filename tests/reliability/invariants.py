@@ -21,7 +21,8 @@ so a bug that corrupts them cannot hide itself. Every problem found is collected
 with the emulator's call timeline, so a failing case explains itself.
 
 Cases give every request its own alert ids, so the emulator's per-alert record belongs to exactly one
-chunk.
+chunk. One call may carry several chunks (coalescing, docs/contracts.md §7): then it carries each of
+them whole, with their one identical body; a PATCH call carries one one-alert piece.
 """
 
 from __future__ import annotations
@@ -124,7 +125,12 @@ async def operation_when_done(
     return None
 
 
-def _ids_of(call: dict[str, Any]) -> list[str]:
+def call_ids(call: dict[str, Any]) -> list[str]:
+    """The alerts a call named: the record's `alertIds` (the body's for batchUpdate, the path's for
+    PATCH), or the body's for an emulator that records no such field."""
+    recorded = call.get("alertIds")
+    if isinstance(recorded, list):
+        return [i for i in recorded if isinstance(i, str)]
     document = call.get("json")
     ids = document.get("alertIds") if isinstance(document, dict) else None
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
@@ -135,7 +141,7 @@ async def settled_calls(ctl: EmulatorControl, ours: set[str], within: float) -> 
     calls: list[dict[str, Any]] = []
 
     async def settled() -> bool:
-        calls[:] = [c for c in await ctl.calls() if set(_ids_of(c)) & ours]
+        calls[:] = [c for c in await ctl.calls() if set(call_ids(c)) & ours]
         return all(c["status"] is not None or c["aborted"] for c in calls)
 
     await eventually(settled, within, "every call of the case finished at the emulator", every=POLL_SECONDS)
@@ -153,7 +159,7 @@ def timeline(calls: list[dict[str, Any]]) -> str:
         fault = f" fault={json.dumps(c['fault'])}" if c["fault"] is not None else ""
         comment = " +comment" if isinstance(c.get("json"), dict) and "comment" in c["json"] else ""
         lines.append(
-            f"  seq={c['seq']} t={c['time'] - start:7.3f} {status} ids={_ids_of(c)}{comment}{fault} "
+            f"  seq={c['seq']} t={c['time'] - start:7.3f} {status} ids={call_ids(c)}{comment}{fault} "
             f"code={c['errorCode']}"
         )
     return "\n".join(lines)
@@ -168,10 +174,12 @@ async def check(
     windows: list[Window],
     resend_unknown_with_comment: bool = False,
     within: float = 40.0,
+    refused: frozenset[str] = frozenset(),
 ) -> Verdict:
     """Wait for every operation to end (bounded), then check the three promises; assert none is broken.
 
-    `base_url` is a live instance of the app (after a kill, the one that took over).
+    `base_url` is a live instance of the app (after a kill, the one that took over). `refused` names
+    operations whose alert MDE does not know: they, and only they, end Failed (422, NotFound).
     """
     verdict = Verdict()
     problems = verdict.problems
@@ -188,7 +196,10 @@ async def check(
             continue
         code, resource = final
         verdict.resources[s.operation_id] = resource
-        _check_operation(s, code, resource, resend_unknown_with_comment, problems)
+        if s.operation_id in refused:
+            _check_refused(s, code, resource, problems)
+        else:
+            _check_operation(s, code, resource, resend_unknown_with_comment, problems)
 
     verdict.calls = await settled_calls(ctl, ours, within=15.0)
     verdict.alerts = dict(
@@ -245,6 +256,13 @@ def _check_operation(s: Sent, code: int, resource: dict[str, Any], resend: bool,
         problems.append(f"operation {op}: the caller was answered 504 but no chunk is OutcomeUnknown")
 
 
+def _check_refused(s: Sent, code: int, resource: dict[str, Any], problems: list[str]) -> None:
+    """An operation whose alert MDE refuses ends Failed with MDE's 404, answered 422."""
+    codes = {(c["status"], (c.get("lastError") or {}).get("code")) for c in resource.get("chunks", [])}
+    if code != 422 or resource.get("status") != "Failed" or codes != {("Failed", "NotFound")}:
+        problems.append(f"operation {s.operation_id}: refused alert, but HTTP {code}, chunks {codes}")
+
+
 def _check_delivery(s: Sent, resource: dict[str, Any], verdict: Verdict, resend: bool) -> None:
     """Applied where it must be, never more often than the record admits."""
     problems = verdict.problems
@@ -253,19 +271,21 @@ def _check_delivery(s: Sent, resource: dict[str, Any], verdict: Verdict, resend:
     for chunk in resource.get("chunks", []):
         ids = set(chunk["alertIds"])
         where = f"operation {s.operation_id} chunk {chunk.get('chunkId')}"
-        calls = [c for c in verdict.calls if set(_ids_of(c)) & ids]
+        calls = [c for c in verdict.calls if set(call_ids(c)) & ids]
         if len(calls) > chunk["attempts"]:
             problems.append(
                 f"{where}: MDE got {len(calls)} calls, the record counts {chunk['attempts']} attempts"
             )
         for call in calls:
             body = call.get("json")
-            if not isinstance(body, dict) or set(_ids_of(call)) != ids:
+            patch = call.get("api") == "patch"
+            wanted = {k: v for k, v in canonical.items() if k != "alertIds"} if patch else canonical
+            if not isinstance(body, dict) or not ids <= set(call_ids(call)):
                 problems.append(
-                    f"{where}: call seq={call['seq']} carried {_ids_of(call)}, not the chunk's ids"
+                    f"{where}: call seq={call['seq']} carried {call_ids(call)}, not all the chunk's ids"
                 )
-            elif {**body, "alertIds": None} != canonical or list(body) != list(canonical):
-                problems.append(f"{where}: call seq={call['seq']} sent {body}, not the canonical {canonical}")
+            elif (body if patch else {**body, "alertIds": None}) != wanted or list(body) != list(wanted):
+                problems.append(f"{where}: call seq={call['seq']} sent {body}, not the canonical {wanted}")
         for alert_id in sorted(ids):
             alert = verdict.alerts.get(alert_id)
             applied = len(alert["updateSeqs"]) if alert else 0
@@ -286,11 +306,17 @@ def _check_delivery(s: Sent, resource: dict[str, Any], verdict: Verdict, resend:
 
 
 def _check_unrecorded(verdict: Verdict) -> None:
-    """Every call for the case's alerts belongs to a chunk some operation records."""
-    recorded = {frozenset(chunk["alertIds"]) for chunk in verdict.chunks()}
+    """Every call for the case's alerts carries whole recorded chunks and nothing else (one chunk, or the
+    members of a coalesced call)."""
+    recorded = [frozenset(chunk["alertIds"]) for chunk in verdict.chunks()]
     for call in verdict.calls:
-        if frozenset(_ids_of(call)) not in recorded:
-            verdict.problems.append(f"call seq={call['seq']} for {_ids_of(call)} matches no recorded chunk")
+        ids = frozenset(call_ids(call))
+        touched = [chunk for chunk in recorded if chunk & ids]
+        whole = all(chunk <= ids for chunk in touched)
+        if not whole or frozenset().union(*touched) != ids:
+            verdict.problems.append(
+                f"call seq={call['seq']} for {sorted(ids)} is not made of whole recorded chunks"
+            )
 
 
 def _check_limits(verdict: Verdict, windows: list[Window]) -> None:
@@ -299,15 +325,19 @@ def _check_limits(verdict: Verdict, windows: list[Window]) -> None:
     unscripted = [c["seq"] for c in calls if c["status"] == 429 and c["fault"] is None]
     if unscripted:
         problems.append(f"MDE answered 429 to calls {unscripted} that no fault scripted (the budget broke)")
-    times = [c["time"] for c in calls]
-    for window in windows:
-        most = max_calls_in_any_window(times, window.seconds)
-        if most > window.calls:
-            problems.append(f"{most} calls within {window.seconds:g}s; the limit is {window.calls}")
+    for api in sorted({str(c.get("api", "batchUpdate")) for c in calls}):  # each API has its own budget
+        times = [c["time"] for c in calls if c.get("api", "batchUpdate") == api]
+        for window in windows:
+            most = max_calls_in_any_window(times, window.seconds)
+            if most > window.calls:
+                problems.append(f"{most} {api} calls within {window.seconds:g}s; the limit is {window.calls}")
     for refused in (c for c in calls if c["status"] == 429 and c["fault"] is not None):
         until = refused["time"] + float(refused["fault"].get("retryAfter", 1))
-        early = [
-            c["seq"] for c in calls if refused["time"] + RETRY_AFTER_TOLERANCE < c["time"] < until - 0.05
+        early = [  # a 429 blocks its own channel (docs/contracts.md §7)
+            c["seq"]
+            for c in calls
+            if refused["time"] + RETRY_AFTER_TOLERANCE < c["time"] < until - 0.05
+            and c.get("api") == refused.get("api")
         ]
         if early:
             problems.append(f"calls {early} came within the Retry-After of 429 seq={refused['seq']}")

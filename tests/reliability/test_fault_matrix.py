@@ -79,29 +79,44 @@ FAULTS = [
     FaultKind("reset-not-applied", {"reset": True, "apply": False}, unknown=True),
 ]
 
-# (fault, path, comment, resend): the fast subset, in the README's test command.
+# How a case's requests reach MDE (docs/contracts.md §7):
+# - "distinct": batchUpdate only; with a comment every request's differs, so each call is one chunk
+#   (without one the updates are identical and coalesce anyway);
+# - "identical": batchUpdate only, every request with the same comment: calls carry several chunks;
+# - "patch": the PATCH channel on too, with the same windows at both ends: requests that find
+#   batchUpdate's budget spent go out as one PATCH per alert.
+SHAPES = ("distinct", "identical", "patch")
+PATCH = {"DEFENDER_PATCH_RATE_LIMITS": LIMITS}
+
+# (fault, path, comment, resend, shape): the fast subset, in the README's test command.
 FAST_CASES = {
-    ("500", "sync", True, False),
-    ("timeout-applied", "async", True, False),
-    ("reset-applied", "sync", False, False),
-    ("429", "async", False, False),
+    ("500", "sync", True, False, "distinct"),
+    ("timeout-applied", "async", True, False, "distinct"),
+    ("reset-applied", "sync", False, False, "distinct"),
+    ("429", "async", False, False, "distinct"),
+    ("503", "async", True, False, "identical"),
+    ("reset-applied", "sync", True, False, "patch"),
+    ("429", "async", True, False, "patch"),
 }
 
 
 def matrix_cases() -> list[Any]:
-    """Every fault × path × comment; for the unknown-outcome faults with a comment, also with the
+    """Every fault × path × comment × shape; for the unknown-outcome faults with a comment, also with the
     operator's RESEND_UNKNOWN_WITH_COMMENT (the one setting that allows a comment twice)."""
     cases = []
     for kind in FAULTS:
         for path in ("sync", "async"):
             for comment in (True, False):
-                resends = (False, True) if kind.unknown and comment else (False,)
-                for resend in resends:
-                    key = (kind.name, path, comment, resend)
-                    label = f"{kind.name}-{path}-{'comment' if comment else 'no-comment'}"
-                    label += "-resend" if resend else ""
-                    marks = () if key in FAST_CASES else (FULL,)
-                    cases.append(pytest.param(kind, path, comment, resend, id=label, marks=marks))
+                for shape in SHAPES:
+                    if shape == "identical" and not comment:
+                        continue  # without a comment "distinct" requests are identical already
+                    resends = (False, True) if kind.unknown and comment and shape == "distinct" else (False,)
+                    for resend in resends:
+                        key = (kind.name, path, comment, resend, shape)
+                        label = f"{kind.name}-{path}-{'comment' if comment else 'no-comment'}-{shape}"
+                        label += "-resend" if resend else ""
+                        marks = () if key in FAST_CASES else (FULL,)
+                        cases.append(pytest.param(kind, path, comment, resend, shape, id=label, marks=marks))
     return cases
 
 
@@ -137,19 +152,23 @@ async def submit(
     raise AssertionError("unreachable")
 
 
-def backlog(case: str, with_comment: bool) -> list[tuple[dict[str, Any], str]]:
-    """The case's requests with their Idempotency-Keys; every comment is unique, so a duplicate shows."""
+def backlog(case: str, with_comment: bool, *, same_comment: bool = False) -> list[tuple[dict[str, Any], str]]:
+    """The case's requests with their Idempotency-Keys. Every comment is unique, so a duplicate shows,
+    unless `same_comment`: then all share one (each alert still has its own record at MDE)."""
     run = uuid.uuid4().hex[:8]
+
+    def comment(n: int) -> str | None:
+        if not with_comment:
+            return None
+        return f"{case} run {run}" if same_comment else f"{case} request {n} run {run}"
+
     return [
-        (
-            update(new_ids(IDS_PER_REQUEST), f"{case} request {n} run {run}" if with_comment else None),
-            f"reliability-{run}-{n}",
-        )
+        (update(new_ids(IDS_PER_REQUEST), comment(n)), f"reliability-{run}-{n}")
         for n in range(REQUESTS_PER_CASE)
     ]
 
 
-@pytest.mark.parametrize(("kind", "path", "with_comment", "resend"), matrix_cases())
+@pytest.mark.parametrize(("kind", "path", "with_comment", "resend", "shape"), matrix_cases())
 async def test_fault(
     hosts: HostPool,
     ctl: EmulatorControl,
@@ -158,18 +177,21 @@ async def test_fault(
     path: str,
     with_comment: bool,
     resend: bool,
+    shape: str,
 ) -> None:
     """MDE misbehaves on the first and third call it admits; everything accepted still ends by the rules.
 
     Beyond the invariants: both scripted faults were consumed, and exactly the two chunks that met an
     unknown outcome end OutcomeUnknown when they carry a comment and the operator did not choose the
-    re-send; with the re-send, their comment shows twice (the documented price of that choice).
+    re-send; with the re-send, their comment shows twice (the documented price of that choice). A
+    faulted call that carried several chunks (shape "identical") ends each of them so.
     """
     settings = {**MATRIX, "RESEND_UNKNOWN_WITH_COMMENT": "true"} if resend else MATRIX
+    settings = {**settings, **PATCH} if shape == "patch" else settings
     base = await asyncio.to_thread(hosts.get, **settings)
-    await ctl.configure(rateLimits=LIMITS)
+    await ctl.configure(rateLimits=LIMITS, patchRateLimits=LIMITS)
     await ctl.add_faults([kind.fault, {"delaySeconds": 0}, kind.fault])
-    requests = backlog(f"{kind.name}/{path}", with_comment)
+    requests = backlog(f"{kind.name}/{path}/{shape}", with_comment, same_comment=shape == "identical")
     headers = ASYNC if path == "async" else {}
     answers = await asyncio.gather(
         *(
@@ -190,7 +212,11 @@ async def test_fault(
     assert not odd, f"answers that are not an accepted request's: {odd}"
     assert await ctl.pending_faults() == [], "precondition: both scripted faults were met"
     unknown = [c for c in verdict.chunks() if c["status"] == "OutcomeUnknown"]
-    assert len(unknown) == (2 if kind.unknown and with_comment and not resend else 0), unknown
+    expected = 2 if kind.unknown and with_comment and not resend else 0
+    if shape == "identical" and expected:
+        assert len(unknown) >= expected, unknown  # each faulted call ends all its members so
+    else:
+        assert len(unknown) == expected, unknown
     if resend and kind.fault.get("apply"):
         twice = [a for a, alert in verdict.alerts.items() if alert and len(alert["comments"]) == 2]
         assert len(twice) == 2 * IDS_PER_REQUEST, verdict.alerts
@@ -235,7 +261,7 @@ async def call_in_flight(ctl: EmulatorControl, ours: set[str], within: float = 1
         held[:] = [
             c
             for c in await ctl.calls()
-            if c["status"] is None and not c["aborted"] and set(c["json"]["alertIds"]) & ours
+            if c["status"] is None and not c["aborted"] and set(invariants.call_ids(c)) & ours
         ]
         return bool(held)
 
@@ -278,7 +304,7 @@ async def test_killed_between_send_and_record(
         await asyncio.gather(*posts)  # 202 at once; the worker sends
     in_flight = await call_in_flight(ctl, ours)
     await asyncio.to_thread(first.kill)
-    at_kill = [c for c in await ctl.calls() if set(c["json"]["alertIds"]) & ours]
+    at_kill = [c for c in await ctl.calls() if set(invariants.call_ids(c)) & ours]
     pending_at_kill = [c["seq"] for c in at_kill if c["status"] is None and not c["aborted"]]
     assert pending_at_kill == [in_flight["seq"]], "precondition: the kill landed while one call was held"
     second = await asyncio.to_thread(hosts.start, env)
@@ -303,16 +329,57 @@ async def test_killed_between_send_and_record(
 
     verdict = await invariants.check(ctl, http, second.urls["base"], sent, windows=WINDOWS)
     assert not odd, f"answers that are not an accepted request's: {odd}"
-    interrupted = [c for c in verdict.chunks() if set(c["alertIds"]) == set(in_flight["json"]["alertIds"])]
-    assert len(interrupted) == 1, verdict.resources
-    (chunk,) = interrupted
-    if with_comment:
-        assert chunk["status"] == "OutcomeUnknown", chunk
-    else:
-        assert chunk["status"] == "Succeeded" and chunk["attempts"] >= 2, chunk
-    held_alert = verdict.alerts[in_flight["json"]["alertIds"][0]]
+    held_ids = set(invariants.call_ids(in_flight))  # one chunk, or the members of a coalesced call
+    interrupted = [c for c in verdict.chunks() if set(c["alertIds"]) <= held_ids]
+    assert interrupted and {a for c in interrupted for a in c["alertIds"]} == held_ids, verdict.resources
+    for chunk in interrupted:
+        if with_comment:
+            assert chunk["status"] == "OutcomeUnknown", chunk
+        else:
+            assert chunk["status"] == "Succeeded" and chunk["attempts"] >= 2, chunk
+    held_alert = verdict.alerts[invariants.call_ids(in_flight)[0]]
     if held.applied:
         assert held_alert is not None and in_flight["seq"] in held_alert["updateSeqs"], held_alert
+
+
+# --- a coalesced call refused for one member -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+async def test_coalesced_call_refused_for_one_member(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession, path: str
+) -> None:
+    """A backlog of identical updates (one shared comment) coalesces; MDE refuses the call that carries
+    the one alert it does not know (404 naming it). Only that request fails (422); every other ends
+    Succeeded with its comment once, and every call is made of whole recorded chunks (docs/contracts.md
+    §7). A fault on the first admitted call (503) puts a coalesced call's members back with back-off
+    on top."""
+    base = await asyncio.to_thread(hosts.get, **MATRIX)
+    requests = backlog(f"refused/{path}", True, same_comment=True)
+    refused_ids = requests[2][0]["alertIds"][:1]
+    await ctl.configure(rateLimits=LIMITS, unknownIds=refused_ids)
+    await ctl.add_faults([{"status": 503}])
+    headers = ASYNC if path == "async" else {}
+    answers = await asyncio.gather(
+        *(
+            submit(http, base.urls["base"] + BATCH, body, {**headers, "Idempotency-Key": key})
+            for body, key in requests
+        )
+    )
+    sent = [
+        Sent(body, doc["operationId"], code) for (body, _), (code, doc) in zip(requests, answers, strict=True)
+    ]
+
+    verdict = await invariants.check(
+        ctl, http, base.urls["base"], sent, windows=WINDOWS, refused=frozenset({sent[2].operation_id})
+    )
+
+    refusals = [c for c in verdict.calls if c["status"] == 404]
+    assert refusals and all(set(refused_ids) <= set(invariants.call_ids(c)) for c in refusals)
+    assert max(len(invariants.call_ids(c)) for c in verdict.calls) > IDS_PER_REQUEST, (
+        "precondition: some call carried several requests' chunks"
+    )
+    assert await ctl.pending_faults() == []
 
 
 # --- a slow storage read while a chunk finishes -----------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.channels.base import CallResult
 from shared.coalescing import PendingView
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
@@ -169,9 +170,9 @@ async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock)
     queued = {sent.chunk_id for sent in rig.queues.chunks}
     assert other.chunk_id in queued  # its next try is queued; the lead's is its caller's to queue
 
-    again = await rig.pending(lead)
-    assert again is not None
-    done = await rig.sender.attempt(again, max_wait=0.0)
+    retry = await rig.pending(lead)
+    assert retry is not None
+    done = await rig.sender.attempt(retry, max_wait=0.0)
 
     assert done.chunk.state == ChunkResult.SUCCEEDED
     assert rig.calls[1].alert_ids == (alert(1), alert(3))  # the two others together, once more
@@ -229,7 +230,9 @@ async def test_a_429_puts_every_member_back_with_back_off_and_blocks_the_channel
     assert member.chunk_id in {sent.chunk_id for sent in rig.queues.chunks}
 
 
-async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_calls(clock: ManualClock) -> None:
+async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_calls(
+    clock: ManualClock,
+) -> None:
     rig = build(clock)
     lead, member, third = await one_each(rig, 1, 2, 3)
     rig.channel.then(too_large(2))
@@ -274,7 +277,7 @@ async def test_a_crash_between_marking_and_recording_leaves_every_member_to_the_
     [plain] = await one_each(rig, 3, fields={"status": "Resolved"})
     [plain_member] = await one_each(rig, 4, fields={"status": "Resolved"})
 
-    def crash() -> OK.__class__:
+    def crash() -> CallResult:
         raise Crash
 
     rig.channel.then(crash, crash)
@@ -299,7 +302,9 @@ async def test_a_crash_between_marking_and_recording_leaves_every_member_to_the_
 # --- the PATCH channel ------------------------------------------------------------------------------------
 
 
-async def test_a_chunk_goes_by_patch_as_one_alert_pieces_when_batch_update_is_spent(clock: ManualClock) -> None:
+async def test_a_chunk_goes_by_patch_as_one_alert_pieces_when_batch_update_is_spent(
+    clock: ManualClock,
+) -> None:
     rig = build(clock, env=PATCH_ON)
     assert rig.patch is not None
     await spend_batch_budget(rig)
@@ -322,7 +327,7 @@ async def test_an_identical_waiting_update_keeps_a_chunk_on_batch_update(clock: 
     rig = build(clock, env=PATCH_ON)
     assert rig.patch is not None
     await spend_batch_budget(rig)
-    first, second = await one_each(rig, 1, 2)
+    _, second = await one_each(rig, 1, 2)
 
     attempt = await rig.sender.attempt(second, max_wait=20.0)
 

@@ -1,0 +1,147 @@
+"""Throughput at MDE's real ceiling, end to end (docs/contracts.md §7): coalescing, the PATCH channel and a
+Retry-After that tells the truth, in development hosts against the MDE emulator and Azurite.
+
+Each case spends or sets the budget so that what it checks has to happen (requests wait together, or
+PATCH is sooner), then judges by what the emulator recorded: calls per API, the alerts' comments (each
+exactly once), and what a caller sees on the operation resource (`channel`, `callId`). Waits are bounded;
+no assertion depends on the machine being idle (budgets of several seconds leave room for a busy one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from emulators.control import EmulatorControl
+from tests.conftest import HostPool
+from tests.integration.helpers import new_ids, post, wait_for_operation
+
+BATCH = "/api/alerts/batchUpdate"
+ASYNC = {"Prefer": "respond-async"}
+FAST = {"AzureFunctionsJobHost__extensions__queues__maxPollingInterval": "00:00:00.500"}
+
+
+def close(ids: list[str], comment: str) -> dict[str, Any]:
+    return {"alertIds": ids, "status": "Resolved", "classification": "FalsePositive", "comment": comment}
+
+
+async def spend_batch_budget(http: aiohttp.ClientSession, base: str) -> None:
+    """One request that takes the only batchUpdate call of the window."""
+    status, _, body = await post(http, base + BATCH, close(new_ids(1), "spends the budget"))
+    assert status == 200, body
+
+
+async def comments_once(ctl: EmulatorControl, expected: dict[str, str]) -> None:
+    """Each alert carries exactly its own comment, once."""
+    for alert_id, comment in expected.items():
+        state = await ctl.alert(alert_id)
+        assert state is not None and state["comments"] == [comment], (alert_id, state)
+
+
+async def test_identical_waiting_updates_share_one_call(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    base = hosts.get(**FAST, DEFENDER_RATE_LIMITS="1/6").urls["base"]
+    await spend_batch_budget(http, base)
+    comment = f"closed by a script {uuid.uuid4()}"
+    ids = new_ids(5)
+    answers = await asyncio.gather(*(post(http, base + BATCH, close([a], comment), ASYNC) for a in ids))
+    assert [status for status, _, _ in answers] == [202] * 5
+
+    resources = [await wait_for_operation(http, headers["Location"], within=40) for _, headers, _ in answers]
+
+    assert {status for status, _ in resources} == {200}
+    calls = await ctl.calls("batchUpdate")
+    assert len(calls) == 2, [c["alertIds"] for c in calls]  # the budget's call, then one for all five
+    assert sorted(calls[1]["alertIds"]) == sorted(ids) and calls[1]["status"] == 200
+    chunks = [resource["chunks"][0] for _, resource in resources]
+    assert {(c["channel"], c["status"]) for c in chunks} == {("batchUpdate", "Succeeded")}
+    assert len({c["callId"] for c in chunks}) == 1
+    await comments_once(ctl, dict.fromkeys(ids, comment))
+
+
+async def test_one_refused_alert_fails_only_its_own_request(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    base = hosts.get(**FAST, DEFENDER_RATE_LIMITS="1/4").urls["base"]
+    await spend_batch_budget(http, base)
+    comment = f"closed by a script {uuid.uuid4()}"
+    good, bad = new_ids(3), new_ids(1)
+    await ctl.configure(unknown_ids=bad)
+    bodies = [close([good[0]], comment), close(bad, comment), close(good[1:], comment)]
+    answers = []
+    for body in bodies:  # accepted in this order
+        answers.append(await post(http, base + BATCH, body, ASYNC))
+
+    results = [await wait_for_operation(http, headers["Location"], within=40) for _, headers, _ in answers]
+
+    assert [status for status, _ in results] == [200, 422, 200]
+    refused = results[1][1]["chunks"][0]
+    assert refused["status"] == "Failed" and refused["lastError"]["code"] == "NotFound"
+    calls = await ctl.calls("batchUpdate")
+    assert [c["status"] for c in calls] == [200, 404, 200]
+    assert sorted(calls[1]["alertIds"]) == sorted([*good, *bad])  # coalesced, then refused
+    assert sorted(calls[2]["alertIds"]) == sorted(good)  # the others again, together
+    await comments_once(ctl, dict.fromkeys(good, comment))
+    assert await ctl.alert(bad[0]) is None
+
+
+async def test_a_lone_update_goes_by_patch_when_batch_update_is_spent(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    base = hosts.get(**FAST, DEFENDER_RATE_LIMITS="1/30", DEFENDER_PATCH_RATE_LIMITS="5/30").urls["base"]
+    await spend_batch_budget(http, base)
+    ids, comment = new_ids(2), f"Sentinel incident #{uuid.uuid4()}"
+
+    status, headers, body = await post(http, base + BATCH, close(ids, comment))
+
+    assert status == 200, body
+    assert [c["alertIds"] for c in await ctl.calls("patch")] == [[ids[0]], [ids[1]]]
+    assert len(await ctl.calls("batchUpdate")) == 1  # only the call that spent the budget
+    _, resource = await wait_for_operation(http, headers["Location"])
+    assert [(c["alertIds"], c["channel"], c["status"]) for c in resource["chunks"]] == [
+        ([ids[0]], "patch", "Succeeded"),
+        ([ids[1]], "patch", "Succeeded"),
+    ]
+    await comments_once(ctl, dict.fromkeys(ids, comment))
+    async with http.get(base + "/api/health") as response:
+        health = await response.json()
+    channels = health["checks"]["budget"]["channels"]
+    assert channels["patch"]["windows"][0]["used"] == 2
+    assert channels["batchUpdate"]["windows"][0]["used"] == 1
+
+
+async def test_respond_async_done_at_once_says_retry_after_one_second(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    base = hosts.get(**FAST).urls["base"]
+
+    status, headers, body = await post(http, base + BATCH, close(new_ids(1), "quick"), ASYNC)
+
+    assert status == 202, body
+    assert int(headers["Retry-After"]) <= 2
+    final, _ = await wait_for_operation(http, headers["Location"], within=20)
+    assert final == 200
+
+
+async def test_a_deferred_request_s_retry_after_is_when_its_update_goes_out(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    base = hosts.get(**FAST, DEFENDER_RATE_LIMITS="1/20").urls["base"]
+    await spend_batch_budget(http, base)
+    ids = new_ids(1)
+    asked = time.monotonic()
+
+    status, headers, body = await post(http, base + BATCH, close(ids, "waits for the budget"))
+
+    assert status == 202, body
+    said = int(headers["Retry-After"])
+    final, _ = await wait_for_operation(http, headers["Location"], within=40)
+    assert final == 200
+    [call] = [c for c in await ctl.calls("batchUpdate") if c["alertIds"] == ids]
+    took = call["time"] - asked  # the emulator's clock is this machine's monotonic clock
+    assert abs(said - took) <= 0.25 * took, (said, took)
