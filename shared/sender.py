@@ -359,7 +359,7 @@ class Sender:
         log.warning(
             "chunk %s: MDE answered 401; retrying once with a freshly fetched token", sending.chunk_id
         )
-        await self._give_back(members[1:], 0.0, queue_first=True)
+        await self._give_back(members[1:], 0.0, sent=True, queue_first=True, fresh_token=True)
         retry = await self.ledger.update_pending(
             sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
         )
@@ -369,12 +369,19 @@ class Sender:
         return None
 
     async def _give_back(
-        self, members: list[Chunk], delay: float, *, queue_first: bool = False, **changes: Any
+        self,
+        members: list[Chunk],
+        delay: float,
+        *,
+        sent: bool = False,
+        queue_first: bool = False,
+        **changes: Any,
     ) -> Chunk | None:
-        """Members of a call that is not going to be made (or whose answer was no verdict on them) go
-        back to Pending, the attempt not counted; all but the first are queued again after `delay` (their
-        own messages would wait for the Sending mark's lease), the first too with `queue_first`. Returns
-        the first as it is now, None if someone else changed it."""
+        """Members of a call that is not going to be made go back to Pending, the attempt not counted;
+        members of a call that was made (`sent`) but whose answer was no verdict on them go back with the
+        attempt counted (MDE got it). All but the first are queued again after `delay` (their own
+        messages would wait for the Sending mark's lease), the first too with `queue_first`. Returns the
+        first as it is now, None if someone else changed it."""
         if not members:
             return None
 
@@ -382,7 +389,7 @@ class Sender:
             return {
                 "state": PendingState.PENDING,
                 "sending_since": 0.0,
-                "attempts": max(0, c.attempts - 1),
+                "attempts": c.attempts if sent else max(0, c.attempts - 1),
                 **changes,
             }
 
@@ -654,10 +661,10 @@ class Sender:
         return ends[0]
 
     async def _members_again(self, members: list[Chunk], *, solo: bool) -> Attempt:
-        """The call's answer was no verdict on its members: all go back to Pending, the attempt not
-        counted, to go out again at once (`solo`: each in a call of its own)."""
+        """The call's answer was no verdict on its members: all go back to Pending (the attempt counted:
+        MDE got the call) to go out again at once (`solo`: each in a call of its own)."""
         changes: dict[str, Any] = {"solo": True} if solo else {}
-        first = await self._give_back(members, 0.0, **changes)
+        first = await self._give_back(members, 0.0, sent=True, **changes)
         if first is None:
             return Attempt(AttemptKind.LOST, members[0])
         return Attempt(AttemptKind.DEFERRED, first, 0.0)

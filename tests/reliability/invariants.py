@@ -210,7 +210,7 @@ async def check(
         if ended is not None:
             _check_delivery(s, ended, verdict, resend_unknown_with_comment)
     _check_unrecorded(verdict)
-    _check_limits(verdict, windows)
+    _check_limits(verdict, windows, refusals=bool(refused))
 
     if problems:
         documents = json.dumps(verdict.resources, indent=1)[:6000]
@@ -319,7 +319,7 @@ def _check_unrecorded(verdict: Verdict) -> None:
             )
 
 
-def _check_limits(verdict: Verdict, windows: list[Window]) -> None:
+def _check_limits(verdict: Verdict, windows: list[Window], *, refusals: bool = False) -> None:
     """No unscripted 429; no window over its limit; scripted Retry-Afters honoured by every instance."""
     calls, problems = verdict.calls, verdict.problems
     unscripted = [c["seq"] for c in calls if c["status"] == 429 and c["fault"] is None]
@@ -342,5 +342,6 @@ def _check_limits(verdict: Verdict, windows: list[Window]) -> None:
         if early:
             problems.append(f"calls {early} came within the Retry-After of 429 seq={refused['seq']}")
     statuses = Counter("reset" if c["aborted"] else c["status"] for c in calls)
-    if any(status not in (200, 429, 500, 502, 503, 504, "reset") for status in statuses):
+    allowed = (200, 429, 500, 502, 503, 504, "reset", *((404,) if refusals else ()))
+    if any(status not in allowed for status in statuses):
         problems.append(f"MDE answered something no case scripts: {dict(statuses)}")

@@ -120,12 +120,12 @@ def matrix_cases() -> list[Any]:
     return cases
 
 
-def update(ids: list[str], comment: str | None) -> dict[str, Any]:
+def update(ids: list[str], comment: str | None, assignee: str = "secops") -> dict[str, Any]:
     """A playbook's closing update, in canonical spelling (what MDE must receive)."""
     body: dict[str, Any] = {
         "alertIds": ids,
         "status": "Resolved",
-        "assignedTo": "secops@contoso.example",
+        "assignedTo": f"{assignee}@contoso.example",
         "classification": "FalsePositive",
         "determination": "NotMalicious",
     }
@@ -153,8 +153,9 @@ async def submit(
 
 
 def backlog(case: str, with_comment: bool, *, same_comment: bool = False) -> list[tuple[dict[str, Any], str]]:
-    """The case's requests with their Idempotency-Keys. Every comment is unique, so a duplicate shows,
-    unless `same_comment`: then all share one (each alert still has its own record at MDE)."""
+    """The case's requests with their Idempotency-Keys. Every request has its own comment and assignee, so
+    a duplicate shows and no two updates are identical (each call carries one chunk, as the faults'
+    order assumes), unless `same_comment`: then all are identical and may share calls."""
     run = uuid.uuid4().hex[:8]
 
     def comment(n: int) -> str | None:
@@ -163,7 +164,10 @@ def backlog(case: str, with_comment: bool, *, same_comment: bool = False) -> lis
         return f"{case} run {run}" if same_comment else f"{case} request {n} run {run}"
 
     return [
-        (update(new_ids(IDS_PER_REQUEST), comment(n)), f"reliability-{run}-{n}")
+        (
+            update(new_ids(IDS_PER_REQUEST), comment(n), "secops" if same_comment else f"analyst{n}"),
+            f"reliability-{run}-{n}",
+        )
         for n in range(REQUESTS_PER_CASE)
     ]
 

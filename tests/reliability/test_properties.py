@@ -40,6 +40,7 @@ import json
 import os
 import string
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -573,35 +574,48 @@ async def test_generated_bodies_are_refused_or_forwarded_in_canonical_form(
 
     async def all_forwarded() -> bool:
         calls[:] = await property_ctl.calls()
-        return len(calls) >= len(valid) and all(c["status"] is not None for c in calls)
+        forwarded = {alert for call in calls for alert in _ids(call["json"])}
+        return set(ids_of_valid) <= forwarded and all(c["status"] is not None for c in calls)
 
     with contextlib.suppress(AssertionError):  # what is missing is reported body by body below
         await eventually(
             all_forwarded, 60.0 + len(valid) / 50, f"{len(valid)} calls at the emulator", every=0.5
         )
-    by_first_id: dict[str, list[dict[str, Any]]] = {}
+    # A call carries one valid body's ids, or, coalesced (docs/contracts.md §7), several bodies with the
+    # same canonical update, each body's ids whole and in its own order, one after another.
+    owner = {alert: (body, expected) for body, expected in valid for alert in expected["alertIds"]}
+    carried: Counter[int] = Counter()
     for call in calls:
-        by_first_id.setdefault((_ids(call["json"]) or [""])[0], []).append(call)
-    for body, expected in valid:
-        received = by_first_id.pop(expected["alertIds"][0], [])
-        if len(received) != 1:
-            problems.append(f"body {body.number}: MDE got {len(received)} calls for it: {body.data[:300]!r}")
-            continue
-        call = received[0]
-        if (
-            call["json"] != expected
-            or list(call["json"]) != list(expected)
-            or call["ignoredKeys"]
-            or call["status"] != 200
-        ):
+        runs: list[tuple[Any, dict[str, Any], list[str]]] = []
+        for alert in _ids(call["json"]):
+            if alert not in owner:
+                problems.append(f"call seq={call['seq']} carried {alert!r}, which no valid body asked for")
+                continue
+            body, expected = owner[alert]
+            if runs and runs[-1][0] is body:
+                runs[-1][2].append(alert)
+            else:
+                runs.append((body, expected, [alert]))
+        for body, expected, run in runs:
+            carried[body.number] += 1
+            fields = {k: v for k, v in call["json"].items() if k != "alertIds"}
+            wanted = {k: v for k, v in expected.items() if k != "alertIds"}
+            if (
+                run != expected["alertIds"]
+                or fields != wanted
+                or list(call["json"]) != list(expected)
+                or call["ignoredKeys"]
+                or call["status"] != 200
+            ):
+                problems.append(
+                    f"body {body.number}: MDE got {call['body'][:300]!r} ({call['status']}), "
+                    f"expected {json.dumps(expected)[:300]}"
+                )
+    for body, _ in valid:
+        if carried[body.number] != 1:
             problems.append(
-                f"body {body.number}: MDE got {call['body'][:300]!r} ({call['status']}), "
-                f"expected {json.dumps(expected)[:300]}"
+                f"body {body.number}: MDE got {carried[body.number]} calls for it: {body.data[:300]!r}"
             )
-    for first_id, stray in by_first_id.items():
-        problems.append(
-            f"{len(stray)} call(s) for {first_id!r} that no valid body asked for: {stray[0]['body'][:300]!r}"
-        )
     assert not problems, f"{len(problems)} forwarding problems, the first 20:\n" + "\n".join(problems[:20])
 
     print(

@@ -166,7 +166,7 @@ async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock)
     assert attempt.kind is AttemptKind.DEFERRED and attempt.delay == 0.0
     for chunk in (lead, other):
         again = await stored(rig, chunk)
-        assert (again.state, again.attempts, again.solo) == (PendingState.PENDING, 0, False)
+        assert (again.state, again.attempts, again.solo) == (PendingState.PENDING, 1, False)
     queued = {sent.chunk_id for sent in rig.queues.chunks}
     assert other.chunk_id in queued  # its next try is queued; the lead's is its caller's to queue
 
@@ -241,7 +241,7 @@ async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_cal
     assert attempt.kind is AttemptKind.DEFERRED
     assert await rig.batch_limit.refresh() == 2
     for chunk in (lead, member, third):
-        assert (await stored(rig, chunk)).attempts == 0  # no verdict: not counted
+        assert (await stored(rig, chunk)).attempts == 1  # no verdict, but MDE got the call: counted
 
     again = await rig.pending(lead)
     assert again is not None
