@@ -530,15 +530,23 @@ class Ledger:
             return None if one is None else [one]
         now = self._clock()
         updated = [dataclasses.replace(c, **change(c), updated_at=now) for c in chunks]
-        ops = [
-            conditional("update", u.pending_entity(), c.etag) for u, c in zip(updated, chunks, strict=True)
-        ]
-        results = await self._table.transact(ops)
+        return await self._replace_all(
+            [(u, u.pending_entity(), c.etag) for u, c in zip(updated, chunks, strict=True)]
+        )
+
+    async def _replace_all(
+        self, rows: Sequence[tuple[Chunk, dict[str, Any], str | None]]
+    ) -> list[Chunk] | None:
+        """Replace each chunk's entry if it is unchanged since `etag`, all in one transaction; the chunks
+        with their new ETags, or None if any had changed (then none is written)."""
+        results = await self._table.transact(
+            [conditional("update", entity, etag) for _, entity, etag in rows]
+        )
         if results is None:
             return None
-        for chunk, etag in zip(updated, results, strict=True):
+        for (chunk, _, _), etag in zip(rows, results, strict=True):
             chunk.etag = etag
-        return updated
+        return [chunk for chunk, _, _ in rows]
 
     async def finish_together(
         self,
@@ -555,13 +563,7 @@ class Ledger:
         ended = [self.ended(c, result, answer_status, error) for c in chunks]
         if answer_for is not None:
             ended[0].answer = answer_for(ended[0])
-        ops = [conditional("update", e.finished_pending_entity(), e.etag) for e in ended]
-        results = await self._table.transact(ops)
-        if results is None:
-            return None
-        for chunk, etag in zip(ended, results, strict=True):
-            chunk.etag = etag
-        return ended
+        return await self._replace_all([(e, e.finished_pending_entity(), e.etag) for e in ended])
 
     def ended(
         self, chunk: Chunk, result: ChunkResult, answer_status: int, error: dict[str, Any] | None
