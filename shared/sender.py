@@ -405,6 +405,25 @@ class Sender:
         return back[0]
 
     @property
+    def patch_exchange_rate(self) -> float:
+        """How many PATCH calls one batchUpdate call is worth over the long run: the ratio of the two
+        channels' sustained rates (calls per second of each one's longest window; MDE's 1500 an hour
+        against 500 an hour: 3).
+
+        In a backlog it is the long windows that bind, so a chunk of k alerts goes by PATCH only if its
+        k calls take a smaller share of PATCH's sustained budget than one call takes of batchUpdate's:
+        k below this rate (k equal to it is a tie: batchUpdate). A Sentinel storm of 1- to 3-alert
+        incidents then sends the small ones by PATCH and leaves batchUpdate to the large ones, instead
+        of spending PATCH's hour on whatever came first (docs/contracts.md §7).
+        """
+        patch = self.settings.defender_patch_rate_limits
+        if not patch:
+            return 0.0
+        longest_patch = max(patch, key=lambda w: w.seconds)
+        longest_batch = max(self.settings.defender_rate_limits, key=lambda w: w.seconds)
+        return (longest_patch.calls / longest_patch.seconds) / (longest_batch.calls / longest_batch.seconds)
+
+    @property
     def worker_wait(self) -> float:
         """How far ahead the queue worker reserves budget and waits for it (see WORKER_BUDGET_WAIT_SECONDS)."""
         return min(WORKER_BUDGET_WAIT_SECONDS, self.settings.sweep_grace_seconds / 2)
@@ -501,6 +520,8 @@ class Sender:
         chunk = state.chunk
         if self.patch is None or len(chunk.alert_ids) > self.settings.patch_max_alerts:
             return None
+        if len(chunk.alert_ids) >= self.patch_exchange_rate:
+            return None  # cheaper, over the long run, as one batchUpdate call (see patch_exchange_rate)
         if state.view is None:
             state.view = await self.ledger.pending_view()
         if state.view.has_peer(chunk):

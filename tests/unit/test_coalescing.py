@@ -391,3 +391,20 @@ async def test_order_spans_both_channels(clock: ManualClock) -> None:
 
     assert waits.kind is AttemptKind.DEFERRED  # behind the pending PATCH update of alert 1
     assert rig.calls == [] and len(rig.patch.calls) == 1
+
+
+async def test_a_chunk_as_dear_on_patch_as_a_batch_update_call_stays_on_batch_update(
+    clock: ManualClock,
+) -> None:
+    # PATCH sustains 2 calls for every batchUpdate call (2/10 against 1/10): 2 alerts is a tie
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10", "DEFENDER_PATCH_RATE_LIMITS": "2/10"})
+    assert rig.patch is not None and rig.sender.patch_exchange_rate == 2
+    await spend_batch_budget(rig)
+    [pair] = await rig.accept(alert(1), alert(2), fields=OTHER)
+    [single] = await one_each(rig, 3)
+
+    await rig.sender.attempt(pair, max_wait=0.0)
+    await rig.sender.attempt(single, max_wait=0.0)
+
+    assert [c.alert_ids for c in rig.patch.calls] == [(alert(3),)]
+    assert (await stored(rig, pair)).state == PendingState.PENDING  # waits for batchUpdate's slot
