@@ -47,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from bench.common import Stack, alert_id, fetch_token, header, memory_kib
+from bench.reference import minimum_schedule as minimum_schedule
 from devhost.services import REPO_ROOT
 from emulators.control import EmulatorControl, max_calls_in_any_window
 from shared.settings import RateWindow, parse_rate_limits
@@ -65,20 +66,8 @@ def body_for(n: int) -> dict[str, Any]:
     return {"alertIds": [alert_id(n)], "status": "Resolved", "classification": "FalsePositive"}
 
 
-def minimum_schedule(arrivals: list[float], windows: tuple[RateWindow, ...]) -> list[float]:
-    """The earliest time each call can be admitted: at its arrival, and never while a window already
-    holds its limit. Calls in arrival order, each as early as possible, is optimal for identical calls
-    (swapping two calls' times never lets the last one go sooner); with the emulator's sliding windows
-    (a call at `now` needs fewer than CALLS admitted in `(now - SECONDS, now]`), call k may go at
-    `times[k - CALLS] + SECONDS` exactly."""
-    times: list[float] = []
-    for k, arrival in enumerate(sorted(arrivals)):
-        earliest = arrival
-        for window in windows:
-            if k >= window.calls:
-                earliest = max(earliest, times[k - window.calls] + window.seconds)
-        times.append(earliest)
-    return times
+# minimum_schedule lives in bench.reference (pure, shared with bench.throughput's reference scheduler);
+# the import above re-exports it for bench.sweep_race.
 
 
 def idle_budget(calls: list[float], arrivals: list[float], windows: tuple[RateWindow, ...]) -> list[float]:
