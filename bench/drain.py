@@ -198,6 +198,31 @@ async def run_alertgate(stack: Stack, base_url: str, pid: int, offsets: list[flo
     return outcome
 
 
+async def send_like_logic_apps(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    rng: random.Random,
+    time_factor: float,
+    answers: Counter[int],
+) -> int:
+    """One update as a Logic App's HTTP action sends it: on 408, 429 or 5xx up to 4 retries at the
+    default policy's intervals (`logic_apps_interval`), never sooner than Retry-After. Every answer is
+    counted in `answers`; returns the last status (a retried status after the 4th retry: the update
+    is lost)."""
+    for attempt in range(LOGIC_APPS_RETRIES + 1):
+        async with session.post(url, json=body, headers=headers) as response:
+            await response.read()
+            status = response.status
+            retry_after = float(response.headers.get("Retry-After", "0") or 0)
+        answers[status] += 1
+        if status not in RETRIED_STATUSES or attempt == LOGIC_APPS_RETRIES:
+            return status
+        await asyncio.sleep(max(logic_apps_interval(attempt + 1, rng, time_factor), retry_after))
+    raise AssertionError("unreachable: the last attempt returns")
+
+
 async def run_naive(
     stack: Stack, offsets: list[float], time_factor: float, seed: int, bound: float
 ) -> Outcome:
@@ -220,15 +245,7 @@ async def run_naive(
 
         async def arrive(n: int, offset: float) -> None:
             await asyncio.sleep(max(0.0, start + offset - loop.time()))
-            for attempt in range(LOGIC_APPS_RETRIES + 1):
-                async with session.post(url, json=body_for(n), headers=headers) as response:
-                    await response.read()
-                    status = response.status
-                    retry_after = float(response.headers.get("Retry-After", "0") or 0)
-                outcome.answers[status] += 1
-                if status not in RETRIED_STATUSES or attempt == LOGIC_APPS_RETRIES:
-                    return
-                await asyncio.sleep(max(logic_apps_interval(attempt + 1, rng, time_factor), retry_after))
+            await send_like_logic_apps(session, url, body_for(n), headers, rng, time_factor, outcome.answers)
 
         await asyncio.wait_for(
             asyncio.gather(*(arrive(n, offset) for n, offset in enumerate(offsets))), bound
