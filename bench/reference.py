@@ -57,8 +57,9 @@ Deciding "can everything be applied by T" becomes a deadline problem.
    and keeps more states far above it), then bisects.
 2. **A schedule for that T that keeps every rule** (`_construct`): list scheduling in reversed time with
    step 1's channels. Each channel calls as early as its windows allow for the most urgent update that
-   may go (its later-accepted neighbours on a shared alert all applied); a batchUpdate call takes every
-   such update of that key it may. Urgency is tried three ways (`_blocks`, `_priorities`): by deadline;
+   may go (its later-accepted neighbours on a shared alert all applied), the sooner call first and, at
+   one moment, the more urgent channel first; a batchUpdate call takes every such update of that key it
+   may. Urgency is tried three ways (`_blocks`, `_priorities`): by deadline;
    with a key's members grouped into blocks whose members wait for each other and lend their urgency to
    the updates that must precede them; and with the blocks formed among members due in the same
    envelope period, so an early block is not held back by members that could go late. If a schedule
@@ -462,7 +463,7 @@ def _construct(inst: _Instance, makespan: float, channels: list[str], mode: str)
         return ready
 
     while pending:
-        best: tuple[float, int, str, list[int]] | None = None
+        best: tuple[float, tuple[float, int], int, str, list[int]] | None = None
         ready_all = ready_times()
         for channel in (BATCH, PATCH):
             ready = [(r, t) for r, t in ready_all.items() if channels[r] == channel]
@@ -472,12 +473,14 @@ def _construct(inst: _Instance, makespan: float, channels: list[str], mode: str)
             urgent = sorted(
                 (r for r, t in ready if t <= when + EPS), key=lambda r: (priority[r], r), reverse=True
             )
-            option = (when, 0 if channel == BATCH else 1, channel, urgent)
-            if best is None or option[:2] < best[:2]:
+            # The sooner call first; at the same moment, the channel with the more urgent update.
+            urgency = priority[urgent[0]]
+            option = (when, (-urgency[0], -urgency[1]), 0 if channel == BATCH else 1, channel, urgent)
+            if best is None or option[:3] < best[:3]:
                 best = option
         if best is None:
             return None  # a block waits for a member's successor that waits for the block
-        when, _, channel, urgent = best
+        when, _, _, channel, urgent = best
         members = _members(inst, urgent) if channel == BATCH else urgent[:1]
         if any(jobs[r].arrival + when > makespan + EPS for r in members):
             return None
