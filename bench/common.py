@@ -16,9 +16,11 @@ with the commit (and any uncommitted change) they came from.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -115,6 +117,25 @@ async def fetch_token(session: aiohttp.ClientSession, identity_url: str, identit
     return str(body["access_token"])
 
 
+@functools.cache
+def emulator_options() -> frozenset[str]:
+    """The command-line options `python -m emulators` accepts here, from its --help: a benchmark asks
+    for a capability (say `--patch-rate-limits`, which the PATCH emulator adds) before relying on it,
+    instead of finding out from an emulator that will not start."""
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "emulators", "--help"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(word.rstrip(",") for word in shown.split() if word.startswith("--"))
+
+
 @dataclass
 class Stack:
     """Azurite, the emulators and any number of development hosts for one benchmark, in a temporary
@@ -122,6 +143,9 @@ class Stack:
     first, so none of them logs errors about storage going away), whatever happened inside."""
 
     emulator_rate_limits: str = "10/60,500/3600"
+    # The PATCH API's own windows (`--patch-rate-limits`); None leaves the flag out, for emulators
+    # without it (see `emulator_options`).
+    emulator_patch_rate_limits: str | None = None
     azurite_debug: bool = False
     log_dir: Path = field(init=False)
     azurite: Service = field(init=False)
@@ -135,9 +159,10 @@ class Stack:
         try:
             debug = self.log_dir / "azurite-debug.log" if self.azurite_debug else None
             self.azurite = start_azurite(self.log_dir, debug_log=debug)
-            self.emulators = start_emulators(
-                self.log_dir, extra_args=["--rate-limits", self.emulator_rate_limits]
-            )
+            extra = ["--rate-limits", self.emulator_rate_limits]
+            if self.emulator_patch_rate_limits is not None:
+                extra += ["--patch-rate-limits", self.emulator_patch_rate_limits]
+            self.emulators = start_emulators(self.log_dir, extra_args=extra)
         except BaseException:
             self._stop_all()
             raise

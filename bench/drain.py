@@ -47,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from bench.common import Stack, alert_id, fetch_token, header, memory_kib
+from bench.reference import minimum_schedule as minimum_schedule
 from devhost.services import REPO_ROOT
 from emulators.control import EmulatorControl, max_calls_in_any_window
 from shared.settings import RateWindow, parse_rate_limits
@@ -65,20 +66,8 @@ def body_for(n: int) -> dict[str, Any]:
     return {"alertIds": [alert_id(n)], "status": "Resolved", "classification": "FalsePositive"}
 
 
-def minimum_schedule(arrivals: list[float], windows: tuple[RateWindow, ...]) -> list[float]:
-    """The earliest time each call can be admitted: at its arrival, and never while a window already
-    holds its limit. Calls in arrival order, each as early as possible, is optimal for identical calls
-    (swapping two calls' times never lets the last one go sooner); with the emulator's sliding windows
-    (a call at `now` needs fewer than CALLS admitted in `(now - SECONDS, now]`), call k may go at
-    `times[k - CALLS] + SECONDS` exactly."""
-    times: list[float] = []
-    for k, arrival in enumerate(sorted(arrivals)):
-        earliest = arrival
-        for window in windows:
-            if k >= window.calls:
-                earliest = max(earliest, times[k - window.calls] + window.seconds)
-        times.append(earliest)
-    return times
+# minimum_schedule lives in bench.reference (pure, shared with bench.throughput's reference scheduler);
+# the import above re-exports it for bench.sweep_race.
 
 
 def idle_budget(calls: list[float], arrivals: list[float], windows: tuple[RateWindow, ...]) -> list[float]:
@@ -209,6 +198,31 @@ async def run_alertgate(stack: Stack, base_url: str, pid: int, offsets: list[flo
     return outcome
 
 
+async def send_like_logic_apps(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    rng: random.Random,
+    time_factor: float,
+    answers: Counter[int],
+) -> int:
+    """One update as a Logic App's HTTP action sends it: on 408, 429 or 5xx up to 4 retries at the
+    default policy's intervals (`logic_apps_interval`), never sooner than Retry-After. Every answer is
+    counted in `answers`; returns the last status (a retried status after the 4th retry: the update
+    is lost)."""
+    for attempt in range(LOGIC_APPS_RETRIES + 1):
+        async with session.post(url, json=body, headers=headers) as response:
+            await response.read()
+            status = response.status
+            retry_after = float(response.headers.get("Retry-After", "0") or 0)
+        answers[status] += 1
+        if status not in RETRIED_STATUSES or attempt == LOGIC_APPS_RETRIES:
+            return status
+        await asyncio.sleep(max(logic_apps_interval(attempt + 1, rng, time_factor), retry_after))
+    raise AssertionError("unreachable: the last attempt returns")
+
+
 async def run_naive(
     stack: Stack, offsets: list[float], time_factor: float, seed: int, bound: float
 ) -> Outcome:
@@ -231,15 +245,7 @@ async def run_naive(
 
         async def arrive(n: int, offset: float) -> None:
             await asyncio.sleep(max(0.0, start + offset - loop.time()))
-            for attempt in range(LOGIC_APPS_RETRIES + 1):
-                async with session.post(url, json=body_for(n), headers=headers) as response:
-                    await response.read()
-                    status = response.status
-                    retry_after = float(response.headers.get("Retry-After", "0") or 0)
-                outcome.answers[status] += 1
-                if status not in RETRIED_STATUSES or attempt == LOGIC_APPS_RETRIES:
-                    return
-                await asyncio.sleep(max(logic_apps_interval(attempt + 1, rng, time_factor), retry_after))
+            await send_like_logic_apps(session, url, body_for(n), headers, rng, time_factor, outcome.answers)
 
         await asyncio.wait_for(
             asyncio.gather(*(arrive(n, offset) for n, offset in enumerate(offsets))), bound
