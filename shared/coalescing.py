@@ -32,6 +32,7 @@ class PendingView:
 
     entries: Sequence[Chunk]
     now: float
+    complete: bool = False  # every entry whole (Ledger.pending_view): members may be written back
 
     def sendable(self) -> list[Chunk]:
         """The entries that could go out now, oldest first."""
@@ -74,6 +75,27 @@ class PendingView:
             taken.update(entry.alert_ids)
             size += len(entry.alert_ids)
         return members
+
+    def carried_by(
+        self, chunk: Chunk, limit: int, max_members: int = MAX_MEMBERS, *, due_by: float | None = None
+    ) -> Chunk | None:
+        """The older waiting chunk whose call would carry `chunk` (it leads: the oldest sendable one of
+        that update), or None if `chunk` is that oldest, or would not fit in its call. With `due_by`,
+        only a leader whose own try is due by then (its queue message: a leader whose try comes later
+        would leave `chunk` waiting, so `chunk` leads instead and carries it)."""
+        older = [
+            e
+            for e in self.sendable()
+            if e.pending_key < chunk.pending_key and e.fields == chunk.fields and e.chunk_id != chunk.chunk_id
+        ]
+        if not older or chunk.solo:
+            return None
+        lead = older[0]
+        if due_by is not None and lead.msg_due_at > due_by:
+            return None
+        if any(m.chunk_id == chunk.chunk_id for m in self.members_for(lead, limit, max_members)):
+            return lead
+        return None
 
     def has_peer(self, chunk: Chunk) -> bool:
         """Would `chunk` share a batchUpdate call with another waiting chunk (identical update)? Then it

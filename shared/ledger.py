@@ -487,12 +487,41 @@ class Ledger:
         return None
 
     async def pending_view(self) -> PendingView:
-        """Every unfinished pending entry, in order, as one read: what the order check, the choice of
-        channel and coalescing decide from (shared.coalescing)."""
+        """Every unfinished pending entry, whole and in order, as one read: what a call's members are
+        chosen from and then written back with (shared.coalescing)."""
         from shared.coalescing import PendingView
 
         entities = await self._table.query(_UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."))
-        return PendingView([Chunk.from_entity(e) for e in entities], self._clock())
+        return PendingView([Chunk.from_entity(e) for e in entities], self._clock(), complete=True)
+
+    async def view_ahead_of(self, chunk: Chunk) -> PendingView:
+        """The unfinished pending entries accepted before `chunk`, then `chunk` itself: what the order
+        check and the choice of channel decide from. Only the columns those rules read (a try reads
+        this on every attempt, so it stays light); its entries must never be written back."""
+        from shared.coalescing import PendingView
+
+        entities = await self._table.query(
+            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", chunk.pending_key), select=_VIEW_COLUMNS
+        )
+        return PendingView([*(Chunk.from_entity(e) for e in entities), chunk], self._clock())
+
+    async def identical_waiting_after(self, chunk: Chunk) -> bool:
+        """Does a chunk accepted after `chunk` wait, Pending and out of back-off, with an identical update?
+        (A light read of the later entries: then `chunk`'s call can carry it.)"""
+        entities = await self._table.query(
+            _UNFINISHED_RANGE,
+            _unfinished(self.partition, chunk.pending_key + "~", "p."),
+            select=_LATER_COLUMNS,
+        )
+        now = self._clock()
+        return any(
+            json.loads(e.get("Fields") or "{}") == chunk.fields
+            and e.get("State") == PendingState.PENDING
+            and float(e.get("NotBefore", 0.0)) <= now
+            and not e.get("Solo")
+            and not e.get("FreshToken")
+            for e in entities
+        )
 
     async def changed_since(self, seq: int, digest: str, alert_ids: Iterable[str]) -> bool:
         """Was a different update for any of these alerts accepted after `seq`? (derived keys: A, B, A)"""
@@ -702,6 +731,12 @@ class Ledger:
 _UNFINISHED_RANGE = (
     "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ( State eq @pending or State eq @sending )"
 )
+
+
+_LATER_COLUMNS = ["RowKey", "Fields", "State", "NotBefore", "Solo", "FreshToken"]
+_VIEW_COLUMNS = [
+    "RowKey", "OperationId", "AlertIds", "Fields", "State", "NotBefore", "Solo", "FreshToken", "MsgDueAt",
+]  # fmt: skip
 
 
 def _unfinished(partition: str, lo: str, hi: str) -> dict[str, str]:

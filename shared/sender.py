@@ -63,9 +63,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORDER_WAIT_SECONDS = 1.0  # how soon a chunk waiting behind an earlier update of its alert looks again
-# How old the read of the pending entries made for the order check may be and still choose a call's
-# members: a member changed since is caught by the conditional mark (the chunk then goes alone).
-VIEW_REUSE_SECONDS = 0.5
+# A call gathers waiting identical updates only for a slot at least this far ahead (see Sender._mark_call),
+# trying this many times when other tries take some of the same members first.
+COALESCE_LEAD_SECONDS = 0.1
+MARK_ROUNDS = 3
+# How long before its slot a call starts gathering and marking members (one read and a transaction of up
+# to 100 rows: tens of milliseconds, more on a busy instance); at once if the slot is nearer.
+COALESCE_MARK_LEAD_SECONDS = 0.5
+# How long after the slot it waits for a chunk riding with another's call looks again (taken along: its
+# message finds it gone; left out, a full call: it leads the next).
+RIDE_SLACK_SECONDS = 0.2
 # PATCH goes only if every piece's slot is strictly before batchUpdate's next one (on a tie, batchUpdate).
 PATCH_TIE_SECONDS = 0.001
 MAX_BACKOFF_SECONDS = 300.0
@@ -114,6 +121,9 @@ class Attempt:
     # DEFERRED: when its call is expected, in seconds from now, if later than `delay` (a chunk waiting
     # for budget comes back from the queue before its slot, to reserve it): what Retry-After says.
     expected_in: float | None = None
+    # DEFERRED without a write: the chunk's live message is sent again as it is (a chunk riding with
+    # another's call must not change its entry, or that call's conditional mark of it would fail).
+    keep_message: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,6 +299,8 @@ class Sender:
         state.first = False
         if grant is None:
             return Attempt(AttemptKind.DEFERRED, state.chunk, ORDER_WAIT_SECONDS)
+        if isinstance(grant, Attempt):
+            return grant
         if isinstance(grant, Denial):
             wait = grant.wait_seconds
             return Attempt(AttemptKind.DEFERRED, state.chunk, self.requeue_delay(wait), expected_in=wait)
@@ -309,36 +321,52 @@ class Sender:
 
     async def _mark_call(self, state: _Try, grant: Grant) -> list[Chunk] | None:
         """Mark the chunk and the chunks that ride its call Sending in one conditional transaction,
-        MARK_LEAD_SECONDS before the slot (see `_mark_sending`); coalescing takes only what is waiting
-        already (a call is never delayed to gather members). If one of the others changed since the
-        read, the chunk goes alone. None if the chunk itself changed."""
+        MARK_LEAD_SECONDS before the slot (see `_mark_sending`). None if the chunk itself changed.
+
+        Coalescing takes only what is waiting already (a call is never delayed to gather members), and
+        only for a slot reserved ahead (COALESCE_LEAD_SECONDS or more), starting
+        COALESCE_MARK_LEAD_SECONDS before it: a grant of now means budget is
+        free and every waiting chunk's own try gets a call, and reading and marking members would age
+        the grant past its use. Other tries may be gathering the same members for their own slots; when
+        one of them took a member first, the entries are read again and the rest gathered (the chunk
+        itself taken: None), up to MARK_ROUNDS times, then the chunk goes alone.
+        """
         chunk = state.chunk
-        early = grant.at - MARK_LEAD_SECONDS - self._clock()
+        coalesce = not chunk.solo and grant.at - self._clock() >= COALESCE_LEAD_SECONDS
+        early = grant.at - (COALESCE_MARK_LEAD_SECONDS if coalesce else MARK_LEAD_SECONDS) - self._clock()
         if early > 0:
             await asyncio.sleep(early)
-        others: list[Chunk] = []
-        if not chunk.solo:
-            view = state.view
-            if view is None or self._clock() - view.now > VIEW_REUSE_SECONDS:
-                view = await self.ledger.pending_view()
-            others = view.members_for(chunk, await self.channel.max_alerts())
-        call_id, now = uuid.uuid4().hex, self._clock()
+        call_id = uuid.uuid4().hex
 
         def sending(c: Chunk) -> dict[str, Any]:
             return {
                 "state": PendingState.SENDING,
-                "sending_since": now,
+                "sending_since": self._clock(),
                 "attempts": c.attempts + 1,
                 "channel": self.channel.name,
                 "call_id": call_id,
             }
 
-        marked = await self.ledger.update_together([chunk, *others], sending)
-        if marked is None and others:
-            marked = await self.ledger.update_together([chunk], sending)
-        elif others:
-            log.info("chunk %s carries %d other chunks in call %s", chunk.chunk_id, len(others), call_id)
-        return marked
+        view: PendingView | None = None
+        for _ in range(MARK_ROUNDS if coalesce else 0):
+            view = view or await self.ledger.pending_view()
+            mine = next((e for e in view.entries if e.chunk_id == chunk.chunk_id), None)
+            if mine is None or mine.etag != chunk.etag:
+                return None  # taken into another's call, or changed otherwise: theirs now
+            others = view.members_for(chunk, await self.channel.max_alerts())
+            if not others:
+                break
+            marked = await self.ledger.update_together([chunk, *others], sending)
+            if marked is not None:
+                log.info("chunk %s carries %d other chunks in call %s", chunk.chunk_id, len(others), call_id)
+                return marked
+            view = None  # someone changed one of them first: read again
+        else:
+            if coalesce:
+                log.info(
+                    "chunk %s goes alone: its members changed under %d tries", chunk.chunk_id, MARK_ROUNDS
+                )
+        return await self.ledger.update_together([chunk], sending)
 
     async def _await_slot(self, members: list[Chunk], grant: Grant) -> Attempt | None:
         """Wait for the grant's slot; None when it came. A 429 block that came up meanwhile defers the
@@ -476,14 +504,16 @@ class Sender:
             chunk, state=PendingState.PENDING, sending_since=0.0, attempts=max(0, chunk.attempts - 1)
         )
 
-    async def _ordered_grant(self, state: _Try) -> Grant | PatchGrants | Denial | None:
+    async def _ordered_grant(self, state: _Try) -> Grant | PatchGrants | Denial | Attempt | None:
         """A grant for the chunk, or None while an earlier pending update touches one of its alerts.
 
         The order check (one read of the pending entries, kept for coalescing) and a first, non-waiting
         budget request (or the one the caller held) run side by side: one round trip instead of two on
         the synchronous path. When the chunk turns out to be blocked, a grant it got is given back
-        (RateLimiter.release). When batchUpdate has no budget now, the PATCH channel may take the chunk
-        (`_patch_grants`); otherwise a batchUpdate slot is reserved within the wait allowed.
+        (RateLimiter.release). When batchUpdate has no budget now, a chunk that an older identical
+        update's call will carry waits for that call instead of reserving a slot of its own (`_riding`);
+        the PATCH channel may take the chunk (`_patch_grants`); otherwise a batchUpdate slot is reserved
+        within the wait allowed.
         """
         chunk, lead = state.chunk, state.lead
 
@@ -491,7 +521,7 @@ class Sender:
             return state.held if state.held is not None else await self.limiter.reserve(0.0, lead=lead)
 
         if not state.order_checked:
-            view, grant = await asyncio.gather(self.ledger.pending_view(), first_budget())
+            view, grant = await asyncio.gather(self.ledger.view_ahead_of(chunk), first_budget())
             state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
                 if isinstance(grant, Grant):
@@ -500,8 +530,11 @@ class Sender:
                 return None
         else:
             grant = await first_budget()
-        if not isinstance(grant, Denial):
-            return grant
+        if isinstance(grant, Grant):
+            return await self._lead_the_waiting(state, grant)
+        riding = await self._riding(state, grant.wait_seconds)
+        if riding is not None:
+            return riding
         by_patch = await self._patch_grants(state, grant.wait_seconds)
         if isinstance(by_patch, PatchGrants):
             return by_patch
@@ -510,6 +543,47 @@ class Sender:
         if isinstance(grant, Denial) and by_patch is not None:
             return Denial(min(grant.wait_seconds, by_patch.wait_seconds))
         return grant
+
+    async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial:
+        """A grant of now while identical updates wait (the budget has just freed up, and they wait for a
+        call to carry them): this chunk's call carries them. A grant of now leaves no time to gather
+        them, so it is traded for a slot COALESCE_MARK_LEAD_SECONDS ahead (the first that fits, within
+        the wait allowed from there). Budget is seldom free while many wait, so the extra read of the
+        later entries is seldom made."""
+        view = state.view
+        if view is None or state.chunk.solo or state.held is not None:
+            return grant
+        older = view.carried_by(state.chunk, await self.channel.max_alerts()) is not None
+        if not older and not await self.ledger.identical_waiting_after(state.chunk):
+            return grant
+        await self._release(grant)
+        return await self.limiter.reserve(state.max_wait, lead=max(state.lead, COALESCE_MARK_LEAD_SECONDS))
+
+    async def _riding(self, state: _Try, batch_wait: float) -> Attempt | None:
+        """With batchUpdate's budget spent, a chunk that an older waiting identical update's call will
+        carry (shared.coalescing: the oldest leads) reserves no slot of its own: a slot per waiting
+        chunk would be spent, or wasted, by each chunk the first call takes along. It looks again once
+        that call's slot should have come; if the call did not take it (full), it leads the next."""
+        if state.chunk.solo:
+            return None
+        if state.view is None:
+            state.view = await self.ledger.view_ahead_of(state.chunk)
+        carrier = state.view.carried_by(state.chunk, await self.channel.max_alerts())
+        if carrier is None:
+            return None
+        if carrier.msg_due_at > self._clock() + batch_wait:
+            await self._bring_forward(carrier, batch_wait)
+        delay = batch_wait + RIDE_SLACK_SECONDS
+        log.info("chunk %s rides with chunk %s's call", state.chunk.chunk_id, carrier.chunk_id)
+        return Attempt(AttemptKind.DEFERRED, state.chunk, delay, expected_in=batch_wait, keep_message=True)
+
+    async def _bring_forward(self, carrier: Chunk, batch_wait: float) -> None:
+        """The chunk whose call would carry others tries again now, not when its message is due (it was
+        held by a synchronous caller, or put back for a while): it must lead by the slot. If another try
+        brought it forward first, or it changed, nothing is done."""
+        current = await self.ledger.pending_chunk(carrier.chunk_id)
+        if current is not None and current.state == PendingState.PENDING:
+            await self.schedule(current, 0.0, batch_wait)
 
     async def _patch_grants(self, state: _Try, batch_wait: float) -> PatchGrants | Denial | None:
         """PATCH grants for each of the chunk's alerts, if it should go that way (docs/contracts.md §7):
@@ -523,7 +597,7 @@ class Sender:
         if len(chunk.alert_ids) >= self.patch_exchange_rate:
             return None  # cheaper, over the long run, as one batchUpdate call (see patch_exchange_rate)
         if state.view is None:
-            state.view = await self.ledger.pending_view()
+            state.view = await self.ledger.view_ahead_of(chunk)
         if state.view.has_peer(chunk):
             return None
         within = min(state.max_wait, batch_wait - PATCH_TIE_SECONDS)
@@ -880,6 +954,9 @@ class Sender:
     async def follow_up(self, attempt: Attempt) -> list[Chunk]:
         """After a try that did not finish the chunk, make sure its next try is queued. Returns the chunks
         as they are now (the pieces of a split chunk), for the answer a caller gets."""
+        if attempt.kind is AttemptKind.DEFERRED and attempt.keep_message and attempt.chunk.msg_token:
+            await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
+            return [attempt.chunk]
         if attempt.kind is AttemptKind.DEFERRED:
             queued = await self.schedule(attempt.chunk, attempt.delay, attempt.expected_in)
             return [queued or attempt.chunk]

@@ -17,7 +17,7 @@ from shared.channels.base import CallResult
 from shared.coalescing import PendingView
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
-from shared.sender import AttemptKind
+from shared.sender import COALESCE_MARK_LEAD_SECONDS, AttemptKind
 from tests.unit.upstream_fakes import OK, START, ManualClock, Rig, answer, build, too_large, unknown
 
 CLOSE = {"status": "Resolved", "classification": "FalsePositive", "comment": "closed by script"}
@@ -31,6 +31,17 @@ def alert(n: int) -> str:
 
 async def spend_batch_budget(rig: Rig) -> None:
     assert isinstance(await rig.limiter.acquire(0.0), Grant)
+
+
+WAIT = 20.0  # long enough for the next slot of a 1/10 budget: a reserved slot, so calls coalesce
+
+
+async def scarce(clock: ManualClock) -> Rig:
+    """One batchUpdate call per 10 s, just spent: every try reserves a slot ahead, where a call gathers
+    the waiting identical updates (a grant of now goes alone: docs/contracts.md §7)."""
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10"})
+    await spend_batch_budget(rig)
+    return rig
 
 
 async def one_each(rig: Rig, *numbers: int, fields: dict[str, str] = CLOSE) -> list[Chunk]:
@@ -107,11 +118,14 @@ async def test_one_call_carries_every_identical_waiting_update_and_records_them_
         *(await one_each(rig, 4)),
     )
 
-    attempt = await rig.sender.attempt(second, max_wait=20.0)
+    riding = await rig.sender.attempt(second, max_wait=20.0)
+    attempt = await rig.sender.attempt(first, max_wait=20.0)
 
+    # the younger one reserved nothing: the oldest's call carries it
+    assert riding.kind is AttemptKind.DEFERRED and riding.expected_in == pytest.approx(10.0)
     assert attempt.kind is AttemptKind.FINISHED and attempt.chunk.state == ChunkResult.SUCCEEDED
     [call] = rig.calls
-    assert call.alert_ids == (alert(2), alert(1), alert(4))  # its own first, then oldest first
+    assert call.alert_ids == (alert(1), alert(2), alert(4))  # the oldest leads, the others in order
     assert call.fields == CLOSE and call.at == pytest.approx(START + 10, abs=0.01)
     ends = [await stored(rig, c) for c in (first, second, third)]
     assert {(e.state, e.answer_status, e.attempts) for e in ends} == {(ChunkResult.SUCCEEDED, 200, 1)}
@@ -122,42 +136,81 @@ async def test_one_call_carries_every_identical_waiting_update_and_records_them_
 
 
 async def test_an_earlier_update_of_an_alert_keeps_a_later_one_out_of_the_call(clock: ManualClock) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     [earlier] = await one_each(rig, 1, fields=OTHER)
     later, lead = await one_each(rig, 1, 2)
 
-    await rig.sender.attempt(lead, max_wait=0.0)
+    await rig.sender.attempt(lead, max_wait=WAIT)
 
     assert [c.alert_ids for c in rig.calls] == [(alert(2),)]
     assert (await stored(rig, later)).state == PendingState.PENDING
     assert (await stored(rig, earlier)).state == PendingState.PENDING
 
 
-async def test_a_member_changed_since_the_read_sends_the_chunk_alone(clock: ManualClock) -> None:
-    rig = build(clock)
-    lead, member = await one_each(rig, 1, 2)
+async def test_members_are_gathered_again_when_another_call_took_one_first(clock: ManualClock) -> None:
+    rig = await scarce(clock)
+    lead, taken, other = await one_each(rig, 1, 2, 3)
 
-    async def someone_takes_the_member() -> None:
-        current = await rig.pending(member)
+    async def another_call_takes_a_member() -> None:
+        current = await rig.pending(taken)
         assert current is not None
-        await rig.ledger.update_pending(current, msg_token="theirs")
+        await rig.ledger.update_pending(current, state=PendingState.SENDING, sending_since=clock())
 
-    rig.operations.before("transact", someone_takes_the_member)
+    rig.operations.before("transact", another_call_takes_a_member)
 
-    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
 
     assert attempt.chunk.state == ChunkResult.SUCCEEDED
-    assert [c.alert_ids for c in rig.calls] == [(alert(1),)]
-    left = await rig.pending(member)
-    assert left is not None and left.state == PendingState.PENDING and left.msg_token == "theirs"
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(3))]  # the one left waiting, again
+    assert (await stored(rig, taken)).state == PendingState.SENDING  # left to the call that took it
+    assert (await stored(rig, other)).state == ChunkResult.SUCCEEDED
+
+
+async def test_a_chunk_taken_into_another_s_call_gives_its_grant_back(clock: ManualClock) -> None:
+    rig = await scarce(clock)
+    lead, member = await one_each(rig, 1, 2)
+
+    async def another_call_takes_the_lead() -> None:
+        current = await rig.pending(lead)
+        assert current is not None
+        await rig.ledger.update_pending(current, state=PendingState.SENDING, sending_since=clock())
+
+    rig.operations.before("transact", another_call_takes_the_lead)
+
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
+
+    assert attempt.kind is AttemptKind.LOST and rig.calls == []
+    assert START + 10 not in await rig.budget_log()  # the reserved slot went back to the budget
+    assert (await stored(rig, member)).state == PendingState.PENDING
+
+
+async def test_a_grant_of_now_goes_alone_when_nothing_identical_waits(clock: ManualClock) -> None:
+    rig = build(clock)
+    [lead] = await one_each(rig, 1)
+    await one_each(rig, 3, fields=OTHER)
+
+    await rig.sender.attempt(lead, max_wait=0.0)
+
+    assert [(c.alert_ids, c.at) for c in rig.calls] == [((alert(1),), START)]
+
+
+async def test_a_grant_of_now_is_traded_for_a_slot_that_carries_the_waiting(clock: ManualClock) -> None:
+    rig = build(clock)
+    lead, waiting = await one_each(rig, 1, 2)
+
+    await rig.sender.attempt(lead, max_wait=1.0)
+
+    [call] = rig.calls
+    assert call.alert_ids == (alert(1), alert(2)) and call.at >= START + COALESCE_MARK_LEAD_SECONDS
+    assert (await stored(rig, waiting)).state == ChunkResult.SUCCEEDED
 
 
 async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, refused, other = await one_each(rig, 1, 2, 3)
     rig.channel.then(answer(404, "NotFound", f"Alert(s) not found: {alert(2)}. Nothing was updated."))
 
-    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
 
     assert rig.calls[0].alert_ids == (alert(1), alert(2), alert(3))
     failed = await stored(rig, refused)
@@ -172,7 +225,7 @@ async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock)
 
     retry = await rig.pending(lead)
     assert retry is not None
-    done = await rig.sender.attempt(retry, max_wait=0.0)
+    done = await rig.sender.attempt(retry, max_wait=WAIT)
 
     assert done.chunk.state == ChunkResult.SUCCEEDED
     assert rig.calls[1].alert_ids == (alert(1), alert(3))  # the two others together, once more
@@ -181,17 +234,17 @@ async def test_a_404_naming_one_alert_fails_only_its_request(clock: ManualClock)
 
 
 async def test_a_404_naming_no_alert_sends_every_member_apart(clock: ManualClock) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, member = await one_each(rig, 1, 2)
     rig.channel.then(answer(404, "NotFound", "Not found."), OK, answer(404, "NotFound", "Not found."))
 
-    await rig.sender.attempt(lead, max_wait=0.0)
+    await rig.sender.attempt(lead, max_wait=WAIT)
     for chunk in (lead, member):
         assert (await stored(rig, chunk)).solo is True
     for chunk in (lead, member):
         current = await rig.pending(chunk)
         assert current is not None
-        await rig.sender.attempt(current, max_wait=0.0)
+        await rig.sender.attempt(current, max_wait=WAIT)
 
     assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2)), (alert(1),), (alert(2),)]
     assert (await stored(rig, lead)).state == ChunkResult.SUCCEEDED
@@ -200,11 +253,11 @@ async def test_a_404_naming_no_alert_sends_every_member_apart(clock: ManualClock
 
 
 async def test_a_400_that_names_no_alert_is_a_verdict_on_every_member(clock: ManualClock) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, member = await one_each(rig, 1, 2)
     rig.channel.then(answer(400, "InvalidInput", "Invalid value 'Clean' for 'determination'."))
 
-    await rig.sender.attempt(lead, max_wait=0.0)
+    await rig.sender.attempt(lead, max_wait=WAIT)
 
     for chunk in (lead, member):
         end = await stored(rig, chunk)
@@ -215,11 +268,11 @@ async def test_a_400_that_names_no_alert_is_a_verdict_on_every_member(clock: Man
 async def test_a_429_puts_every_member_back_with_back_off_and_blocks_the_channel_once(
     clock: ManualClock,
 ) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, member = await one_each(rig, 1, 2)
     rig.channel.then(answer(429, "TooManyRequests", retry_after=7))
 
-    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
 
     assert attempt.kind is AttemptKind.DEFERRED and attempt.delay >= 7
     for chunk in (lead, member):
@@ -233,11 +286,11 @@ async def test_a_429_puts_every_member_back_with_back_off_and_blocks_the_channel
 async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_calls(
     clock: ManualClock,
 ) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, member, third = await one_each(rig, 1, 2, 3)
     rig.channel.then(too_large(2))
 
-    attempt = await rig.sender.attempt(lead, max_wait=0.0)
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
     assert attempt.kind is AttemptKind.DEFERRED
     assert await rig.batch_limit.refresh() == 2
     for chunk in (lead, member, third):
@@ -245,18 +298,18 @@ async def test_maximum_batch_size_exceeded_learns_the_limit_and_re_forms_the_cal
 
     again = await rig.pending(lead)
     assert again is not None
-    await rig.sender.attempt(again, max_wait=0.0)
+    await rig.sender.attempt(again, max_wait=WAIT)
     assert rig.calls[1].alert_ids == (alert(1), alert(2))
 
 
 async def test_no_answer_ends_each_member_by_the_outcome_unknown_rule(clock: ManualClock) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     [with_comment] = await one_each(rig, 1)
     [without] = await one_each(rig, 2, fields={"status": "Resolved"})
     [also_with] = await one_each(rig, 3)
     rig.channel.then(unknown())
 
-    attempt = await rig.sender.attempt(with_comment, max_wait=0.0)
+    attempt = await rig.sender.attempt(with_comment, max_wait=WAIT)
 
     assert rig.calls[0].alert_ids == (alert(1), alert(3))  # identical updates only
     assert attempt.chunk.state == ChunkResult.OUTCOME_UNKNOWN
@@ -272,7 +325,7 @@ class Crash(BaseException):
 async def test_a_crash_between_marking_and_recording_leaves_every_member_to_the_sweep(
     clock: ManualClock,
 ) -> None:
-    rig = build(clock)
+    rig = await scarce(clock)
     lead, member = await one_each(rig, 1, 2)
     [plain] = await one_each(rig, 3, fields={"status": "Resolved"})
     [plain_member] = await one_each(rig, 4, fields={"status": "Resolved"})
@@ -283,7 +336,7 @@ async def test_a_crash_between_marking_and_recording_leaves_every_member_to_the_
     rig.channel.then(crash, crash)
     for chunk in (lead, plain):
         with pytest.raises(Crash):
-            await rig.sender.attempt(chunk, max_wait=0.0)
+            await rig.sender.attempt(chunk, max_wait=WAIT)
     marks = [await stored(rig, c) for c in (lead, member, plain, plain_member)]
     assert {m.state for m in marks} == {PendingState.SENDING}
     clock.advance(rig.sender.sending_lease + 1)
@@ -331,9 +384,9 @@ async def test_an_identical_waiting_update_keeps_a_chunk_on_batch_update(clock: 
 
     attempt = await rig.sender.attempt(second, max_wait=20.0)
 
-    assert rig.patch.calls == []
-    assert attempt.chunk.state == ChunkResult.SUCCEEDED
-    assert [c.alert_ids for c in rig.calls] == [(alert(2), alert(1))]
+    assert rig.patch.calls == [] and rig.calls == []
+    assert attempt.kind is AttemptKind.DEFERRED  # it waits for the older one's call
+    assert await rig.budget_log("patch-calls") == [] and await rig.budget_log() == [START]
 
 
 async def test_patch_is_not_taken_unless_every_piece_comes_before_batch_update_s_slot(

@@ -138,7 +138,7 @@ async def test_a_chunk_accepted_marked_sending_with_a_held_grant_is_sent_at_once
 
 async def test_a_held_denial_gives_the_sending_mark_back_before_deferring(clock: ManualClock) -> None:
     rig = build(clock)
-    await rig.accept(ID3)
+    await rig.accept(ID3, fields={"status": "New"})  # another update: nothing for this one to ride with
     [chunk] = await rig.accept(ID1, view=await rig.ledger.look_ahead([ID1]))
     assert chunk.state == PendingState.SENDING
 
