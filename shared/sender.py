@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.channels.base import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError, bearer
-from shared.coalescing import alert_ids_of, named_in
+from shared.coalescing import MAX_MEMBERS, alert_ids_of, named_in
 from shared.errors import StorageUnavailable
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Denial, Grant
@@ -73,6 +73,8 @@ COALESCE_MARK_LEAD_SECONDS = 0.5
 # How long after the slot it waits for a chunk riding with another's call looks again (taken along: its
 # message finds it gone; left out, a full call: it leads the next).
 RIDE_SLACK_SECONDS = 0.2
+# How long before its slot a gathering call takes in the identical updates that arrived since.
+TOP_UP_LEAD_SECONDS = 0.25
 # PATCH goes only if every piece's slot is strictly before batchUpdate's next one (on a tie, batchUpdate).
 PATCH_TIE_SECONDS = 0.001
 MAX_BACKOFF_SECONDS = 300.0
@@ -248,6 +250,7 @@ class Sender:
             members = await self._mark(state, granted)
             if isinstance(members, Attempt):
                 return members
+            members = await self._top_up(members, granted)
             blocked = await self._await_slot(members, granted)
             if blocked is not None:
                 return blocked
@@ -367,6 +370,39 @@ class Sender:
                     "chunk %s goes alone: its members changed under %d tries", chunk.chunk_id, MARK_ROUNDS
                 )
         return await self.ledger.update_together([chunk], sending)
+
+    async def _top_up(self, members: list[Chunk], grant: Grant) -> list[Chunk]:
+        """Shortly before the slot (TOP_UP_LEAD_SECONDS), the identical updates that arrived since the
+        members were gathered join the call too: one more read and conditional transaction, made only
+        for a call that had time to gather (`_mark_call`). If it fails, the call goes with the members
+        it has. A burst keeps arriving while a call waits for its slot."""
+        lead = members[0]
+        if lead.solo or lead.channel != self.channel.name or len(members) >= MAX_MEMBERS:
+            return members
+        wait = grant.at - TOP_UP_LEAD_SECONDS - self._clock()
+        if wait <= 0 or grant.at - lead.sending_since < COALESCE_LEAD_SECONDS:
+            return members  # no time left, or a call that was not gathering (a grant of now)
+        await asyncio.sleep(wait)
+        room = await self.channel.max_alerts() - len(alert_ids_of(members)) + len(lead.alert_ids)
+        view = await self.ledger.pending_view()
+        extra = view.members_for(lead, room, MAX_MEMBERS - len(members) + 1)
+        if not extra:
+            return members
+
+        def joining(c: Chunk) -> dict[str, Any]:
+            return {
+                "state": PendingState.SENDING,
+                "sending_since": self._clock(),
+                "attempts": c.attempts + 1,
+                "channel": self.channel.name,
+                "call_id": lead.call_id,
+            }
+
+        joined = await self.ledger.update_together(extra, joining)
+        if joined is None:
+            return members
+        log.info("call %s: %d more chunks joined before its slot", lead.call_id, len(joined))
+        return [*members, *joined]
 
     async def _await_slot(self, members: list[Chunk], grant: Grant) -> Attempt | None:
         """Wait for the grant's slot; None when it came. A 429 block that came up meanwhile defers the

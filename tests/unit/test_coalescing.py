@@ -461,3 +461,22 @@ async def test_a_chunk_as_dear_on_patch_as_a_batch_update_call_stays_on_batch_up
 
     assert [c.alert_ids for c in rig.patch.calls] == [(alert(3),)]
     assert (await stored(rig, pair)).state == PendingState.PENDING  # waits for batchUpdate's slot
+
+
+async def test_updates_arriving_while_a_call_waits_for_its_slot_join_it(clock: ManualClock) -> None:
+    rig = await scarce(clock)
+    lead, member = await one_each(rig, 1, 2)
+    arrived: list[Chunk] = []
+
+    async def another_request_arrives() -> None:
+        arrived.extend(await one_each(rig, 3))
+
+    # queries: the order check, the gathering half a second before the slot, then the top-up
+    rig.operations.before("query", another_request_arrives, skip=2)
+
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
+
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2), alert(3))]
+    ends = [await stored(rig, c) for c in (lead, member, *arrived)]
+    assert {e.state for e in ends} == {ChunkResult.SUCCEEDED} and len({e.call_id for e in ends}) == 1
