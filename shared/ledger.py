@@ -384,6 +384,7 @@ class Ledger:
                 now,
                 updated_at=now,
                 msg_due_at=now + plan.hold_seconds,
+                msg_token=uuid.uuid4().hex,  # its message's token, so queuing it needs no second write
                 partition=self.partition,
             )
             for i, (ids, fields) in enumerate(plan.chunks)

@@ -35,6 +35,7 @@ a Pending chunk whose message is overdue by SWEEP_GRACE_SECONDS (re-enqueued).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import math
@@ -992,7 +993,8 @@ class Sender:
         as they are now (the pieces of a split chunk), for the answer a caller gets."""
         if attempt.kind is AttemptKind.DEFERRED and attempt.keep_message and attempt.chunk.msg_token:
             await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
-            return [attempt.chunk]
+            expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)
+            return [dataclasses.replace(attempt.chunk, expected_at=expected)]  # for the answer only
         if attempt.kind is AttemptKind.DEFERRED:
             queued = await self.schedule(attempt.chunk, attempt.delay, attempt.expected_in)
             return [queued or attempt.chunk]
