@@ -341,15 +341,7 @@ class Sender:
         if early > 0:
             await asyncio.sleep(early)
         call_id = uuid.uuid4().hex
-
-        def sending(c: Chunk) -> dict[str, Any]:
-            return {
-                "state": PendingState.SENDING,
-                "sending_since": self._clock(),
-                "attempts": c.attempts + 1,
-                "channel": self.channel.name,
-                "call_id": call_id,
-            }
+        sending = self._sending(self.channel, call_id)
 
         view: PendingView | None = None
         for _ in range(MARK_ROUNDS if coalesce else 0):
@@ -389,21 +381,26 @@ class Sender:
         extra = view.members_for(lead, room, MAX_MEMBERS - len(members) + 1)
         if not extra:
             return members
-
-        def joining(c: Chunk) -> dict[str, Any]:
-            return {
-                "state": PendingState.SENDING,
-                "sending_since": self._clock(),
-                "attempts": c.attempts + 1,
-                "channel": self.channel.name,
-                "call_id": lead.call_id,
-            }
-
-        joined = await self.ledger.update_together(extra, joining)
+        joined = await self.ledger.update_together(extra, self._sending(self.channel, lead.call_id))
         if joined is None:
             return members
         log.info("call %s: %d more chunks joined before its slot", lead.call_id, len(joined))
         return [*members, *joined]
+
+    def _sending(self, channel: Channel, call_id: str | None) -> Callable[[Chunk], dict[str, Any]]:
+        """The change that marks a chunk Sending in a call of `channel`: `call_id`, or (PATCH, one alert
+        a call) an id of its own for each chunk. The attempt is counted before the call."""
+
+        def change(chunk: Chunk) -> dict[str, Any]:
+            return {
+                "state": PendingState.SENDING,
+                "sending_since": self._clock(),
+                "attempts": chunk.attempts + 1,
+                "channel": channel.name,
+                "call_id": call_id or uuid.uuid4().hex,
+            }
+
+        return change
 
     async def _await_slot(self, members: list[Chunk], grant: Grant) -> Attempt | None:
         """Wait for the grant's slot; None when it came. A 429 block that came up meanwhile defers the
@@ -851,17 +848,7 @@ class Sender:
         early = patch.grants[0].at - MARK_LEAD_SECONDS - self._clock()
         if early > 0:
             await asyncio.sleep(early)
-        now = self._clock()
-        marked = await self.ledger.update_together(
-            pieces,
-            lambda p: {
-                "state": PendingState.SENDING,
-                "sending_since": now,
-                "attempts": p.attempts + 1,
-                "channel": channel.name,
-                "call_id": uuid.uuid4().hex,
-            },
-        )
+        marked = await self.ledger.update_together(pieces, self._sending(channel, None))
         if marked is None:
             await self._release_all(patch.grants, channel)
             return (
