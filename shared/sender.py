@@ -578,18 +578,26 @@ class Sender:
             return Denial(min(grant.wait_seconds, by_patch.wait_seconds))
         return grant
 
-    async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial:
+    async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial | Attempt:
         """A grant of now while identical updates wait (the budget has just freed up, and they wait for a
-        call to carry them): this chunk's call carries them. A grant of now leaves no time to gather
-        them, so it is traded for a slot COALESCE_MARK_LEAD_SECONDS ahead (the first that fits, within
-        the wait allowed from there). Budget is seldom free while many wait, so the extra read of the
-        later entries is seldom made."""
+        call to carry them). If an older one waits, it leads: this chunk gives the grant back and rides
+        with it (`_riding`). If only younger ones wait, this chunk's call carries them: a grant of now
+        leaves no time to gather them, so it is traded for a slot COALESCE_MARK_LEAD_SECONDS ahead (the
+        first that fits, within the wait allowed from there). Budget is seldom free while many wait,
+        so the extra read of the later entries is seldom made."""
         view = state.view
         if view is None or state.chunk.solo or state.held is not None:
             return grant
-        older = view.carried_by(state.chunk, await self.channel.max_alerts()) is not None
-        if not older and not await self.ledger.identical_waiting_after(state.chunk):
-            return grant
+        if view.carried_by(state.chunk, await self.channel.max_alerts()) is not None:
+            await self._release(grant)
+            riding = await self._riding(state, 0.0)
+            return riding or await self.limiter.reserve(state.max_wait, lead=state.lead)
+        if not await self.ledger.identical_waiting_after(state.chunk):
+            if self._clock() - grant.at <= self.max_grant_age / 2:
+                return grant
+            # the read took long enough to age the grant: a slot with time to mark the chunk instead
+            await self._release(grant)
+            return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
         await self._release(grant)
         return await self.limiter.reserve(state.max_wait, lead=max(state.lead, COALESCE_MARK_LEAD_SECONDS))
 

@@ -183,7 +183,8 @@ async def test_fault(
     resend: bool,
     shape: str,
 ) -> None:
-    """MDE misbehaves on the first and third call it admits; everything accepted still ends by the rules.
+    """MDE misbehaves on the first and third call it admits (the first only, for identical updates that
+    share calls); everything accepted still ends by the rules.
 
     Beyond the invariants: both scripted faults were consumed, and exactly the two chunks that met an
     unknown outcome end OutcomeUnknown when they carry a comment and the operator did not choose the
@@ -194,7 +195,9 @@ async def test_fault(
     settings = {**settings, **PATCH} if shape == "patch" else settings
     base = await asyncio.to_thread(hosts.get, **settings)
     await ctl.configure(rateLimits=LIMITS, patchRateLimits=LIMITS)
-    await ctl.add_faults([kind.fault, {"delaySeconds": 0}, kind.fault])
+    # Identical updates share calls, so a case may make only two: then only the first is faulted.
+    faults = [kind.fault] if shape == "identical" else [kind.fault, {"delaySeconds": 0}, kind.fault]
+    await ctl.add_faults(faults)
     requests = backlog(f"{kind.name}/{path}/{shape}", with_comment, same_comment=shape == "identical")
     headers = ASYNC if path == "async" else {}
     answers = await asyncio.gather(
@@ -218,7 +221,7 @@ async def test_fault(
     unknown = [c for c in verdict.chunks() if c["status"] == "OutcomeUnknown"]
     expected = 2 if kind.unknown and with_comment and not resend else 0
     if shape == "identical" and expected:
-        assert len(unknown) >= expected, unknown  # each faulted call ends all its members so
+        assert len(unknown) >= 1, unknown  # the faulted call ends all its members so
     else:
         assert len(unknown) == expected, unknown
     if resend and kind.fault.get("apply"):
