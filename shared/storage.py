@@ -297,21 +297,25 @@ class StateTable:
             for row in written:
                 current = await self._get(row["PartitionKey"], row["RowKey"])
                 if current is not None and current.get(WRITE_TOKEN) == token:
-                    return await self._etags_of(stamped)
+                    return await self._etags_of(stamped, token)
             # Not ours. Whether a condition failed or the transaction never ran, only a new try can tell
             # (it answers a conflict if one of the conditions fails).
             return AGAIN
 
         return await self._writing(f"transaction on {pk}/{rk}", write, landed)
 
-    async def _etags_of(self, operations: Sequence[Operation]) -> list[str | None]:
+    async def _etags_of(self, operations: Sequence[Operation], token: str) -> list[str | None]:
+        """The ETags a landed transaction gave its rows, read back. A row someone changed since no longer
+        carries our token: its ETag now is theirs, and handing it out as ours would let a later
+        conditional write overwrite their change unseen, so it gets one that matches nothing."""
         etags: list[str | None] = []
         for op in operations:
             if op[0] == "delete":
                 etags.append(None)
                 continue
             current = await self._get(op[1]["PartitionKey"], op[1]["RowKey"])
-            etags.append(None if current is None else _etag(current))
+            ours = current is not None and current.get(WRITE_TOKEN) == token
+            etags.append(_etag(current) if ours and current is not None else CHANGED_SINCE)
         return etags
 
     # -- the retry loops ---------------------------------------------------------------------------------
@@ -399,6 +403,10 @@ async def with_retries(
     detail = f"{what}: {_first_line(last) if last else 'no answer'}"
     log.warning("storage unavailable: %s", detail)
     raise StorageUnavailable(detail, retry_after=policy.retry_after) from last
+
+
+# An ETag no row has: a conditional write with it fails (the row changed since we wrote it).
+CHANGED_SINCE = 'W/"datetime\'1900-01-01T00%3A00%3A00.0000000Z\'"'
 
 
 class _Again:

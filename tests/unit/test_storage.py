@@ -26,6 +26,7 @@ from azure.data.tables import TableTransactionError, UpdateMode
 
 from shared.errors import StorageUnavailable
 from shared.storage import (
+    CHANGED_SINCE,
     WRITE_TOKEN,
     ConditionFailed,
     RetryPolicy,
@@ -563,6 +564,24 @@ async def test_a_landed_transaction_whose_probe_row_moved_on_is_still_ours() -> 
 
     assert stored(client, "o-1")[WRITE_TOKEN]  # it did land
     assert results is not None
+
+
+async def test_a_landed_transaction_hands_out_no_etag_of_a_row_someone_changed_since() -> None:
+    """The answer is lost; before the read-back another writer changes one of its rows (a coalesced call
+    marking a chunk just accepted). That row's ETag is theirs now: handed out as ours, a later
+    conditional write would overwrite their change unseen, so the ETag given matches nothing."""
+    table, client = seam()
+    counter = client.state.put(row("counter", Next=1))
+    client.inject(Fault.LOST, method="submit_transaction")
+    client.inject(lambda: client.state.put(row("p-1", State="Sending")), method="get_entity")
+
+    results = await table.transact(_accept_ops(counter))
+
+    assert results is not None and stored(client, "o-1")[WRITE_TOKEN]  # it landed
+    theirs = client.state.read(PK, "p-1")
+    assert theirs is not None and CHANGED_SINCE in results and theirs.metadata["etag"] not in results
+    assert await table.replace(row("p-1", State="Pending"), CHANGED_SINCE) is None  # no overwrite
+    assert stored(client, "p-1")["State"] == "Sending"
 
 
 async def test_a_transaction_of_deletes_only() -> None:
