@@ -406,7 +406,7 @@ async def with_retries(
 
 
 # An ETag no row has: a conditional write with it fails (the row changed since we wrote it).
-CHANGED_SINCE = 'W/"datetime\'1900-01-01T00%3A00%3A00.0000000Z\'"'
+CHANGED_SINCE = "W/\"datetime'1900-01-01T00%3A00%3A00.0000000Z'\""
 
 
 class _Again:
