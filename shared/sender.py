@@ -421,7 +421,9 @@ class Sender:
         log.warning(
             "chunk %s: MDE answered 401; retrying once with a freshly fetched token", sending.chunk_id
         )
-        await self._give_back(members[1:], 0.0, sent=True, queue_first=True, fresh_token=True)
+        await self._persisting(
+            lambda: self._give_back(members[1:], 0.0, sent=True, queue_first=True, fresh_token=True)
+        )
         retry = await self.ledger.update_pending(
             sending, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
         )
@@ -801,7 +803,9 @@ class Sender:
         """The call's answer was no verdict on its members: all go back to Pending (the attempt counted:
         MDE got the call) to go out again at once (`solo`: each in a call of its own)."""
         changes: dict[str, Any] = {"solo": True} if solo else {}
-        first = await self._give_back(members, 0.0, sent=True, **changes)
+        # MDE's answer is known (it applied nothing): ride out storage faults rather than leave the marks
+        # for the sweep, which could only call them unknown
+        first = await self._persisting(lambda: self._give_back(members, 0.0, sent=True, **changes))
         if first is None:
             return Attempt(AttemptKind.LOST, members[0])
         return Attempt(AttemptKind.DEFERRED, first, 0.0)
