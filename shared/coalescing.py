@@ -32,7 +32,6 @@ class PendingView:
 
     entries: Sequence[Chunk]
     now: float
-    complete: bool = False  # every entry whole (Ledger.pending_view): members may be written back
 
     def sendable(self) -> list[Chunk]:
         """The entries that could go out now, oldest first."""

@@ -474,26 +474,13 @@ class Ledger:
     async def all_pending(self) -> list[Chunk]:
         return await self._range("p-", "p.")
 
-    async def blocked_by_earlier(self, chunk: Chunk) -> Chunk | None:
-        """The first pending chunk accepted before this one that touches one of its alerts, if any."""
-        mine = set(chunk.alert_ids)
-        entities = await self._table.query(
-            _UNFINISHED_RANGE,
-            _unfinished(self.partition, "p-", chunk.pending_key),
-            select=["RowKey", "OperationId", "AlertIds"],
-        )
-        for entity in entities:
-            if mine.intersection(json.loads(entity["AlertIds"])):
-                return Chunk(entity["RowKey"][2:], entity["OperationId"], (), {}, 0.0)
-        return None
-
     async def pending_view(self) -> PendingView:
         """Every unfinished pending entry, whole and in order, as one read: what a call's members are
         chosen from and then written back with (shared.coalescing)."""
         from shared.coalescing import PendingView
 
         entities = await self._table.query(_UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."))
-        return PendingView([Chunk.from_entity(e) for e in entities], self._clock(), complete=True)
+        return PendingView([Chunk.from_entity(e) for e in entities], self._clock())
 
     async def view_ahead_of(self, chunk: Chunk) -> PendingView:
         """The unfinished pending entries accepted before `chunk`, then `chunk` itself: what the order

@@ -83,7 +83,7 @@ async def test_a_view_outdated_by_another_instance_falls_back_to_pending(tables:
 
     assert chunk.state == PendingState.PENDING
     assert chunk.seq == theirs.seq + 1 == operation.first_seq
-    blocker = await mine.blocked_by_earlier(chunk)
+    blocker = (await mine.view_ahead_of(chunk)).blocker(chunk)
     assert blocker is not None and blocker.chunk_id == theirs.chunk_id
 
 
@@ -111,7 +111,7 @@ async def test_finished_in_place_reads_as_finished_until_settled(tables: Tables)
     view = await ledger.look_ahead(["f1"])
     assert view is not None and not view.blocked
     _, (later,) = await ledger.accept(plan("f1", fields={"status": "New"}))
-    assert await ledger.blocked_by_earlier(later) is None
+    assert (await ledger.view_ahead_of(later)).blocker(later) is None
     (reported,) = await ledger.chunks_of(operation)
     assert (reported.state, reported.answer_status) == (ChunkResult.SUCCEEDED, 200)
     assert [c.chunk_id for c in await ledger.all_pending() if c.finished] == [chunk.chunk_id]

@@ -194,7 +194,7 @@ async def test_a_view_out_of_date_falls_back_to_an_ordinary_accept() -> None:
     assert operation.first_seq == theirs.seq + 1
     assert stored_chunk(table, chunk.pending_key).state == PendingState.PENDING
     assert chunk.state == PendingState.PENDING
-    blocker = await ledger.blocked_by_earlier(chunk)
+    blocker = (await ledger.view_ahead_of(chunk)).blocker(chunk)
     assert blocker is not None and blocker.chunk_id == theirs.chunk_id
 
 
@@ -211,23 +211,23 @@ async def test_record_invalid_is_written_once() -> None:
 # --- reading the order ------------------------------------------------------------------------------------
 
 
-async def test_blocked_by_earlier_finds_the_first_earlier_chunk_sharing_an_alert() -> None:
+async def test_the_view_ahead_finds_the_first_earlier_chunk_sharing_an_alert() -> None:
     ledger, _, _ = rig()
     _, (one,) = await ledger.accept(plan(("a1", "a2")))
     _, (two,) = await ledger.accept(plan(("a3",)))
     _, (three,) = await ledger.accept(plan(("a2", "a3")))
 
-    blocker = await ledger.blocked_by_earlier(three)
+    blocker = (await ledger.view_ahead_of(three)).blocker(three)
 
     assert blocker is not None and blocker.chunk_id == one.chunk_id
     assert blocker.operation_id == one.operation_id
-    assert await ledger.blocked_by_earlier(one) is None
-    assert await ledger.blocked_by_earlier(two) is None
+    assert (await ledger.view_ahead_of(one)).blocker(one) is None
+    assert (await ledger.view_ahead_of(two)).blocker(two) is None
     await ledger.finish(one, ChunkResult.SUCCEEDED, 200, None)
-    blocker = await ledger.blocked_by_earlier(three)
+    blocker = (await ledger.view_ahead_of(three)).blocker(three)
     assert blocker is not None and blocker.chunk_id == two.chunk_id
     await ledger.finish(two, ChunkResult.FAILED, 422, {"code": "x"}, in_place=True)
-    assert await ledger.blocked_by_earlier(three) is None
+    assert (await ledger.view_ahead_of(three)).blocker(three) is None
 
 
 async def test_changed_since_sees_a_different_update_to_a_shared_alert() -> None:
@@ -520,7 +520,7 @@ async def test_split_replaces_a_chunk_by_pieces_that_keep_its_place() -> None:
         assert (stored.fields, stored.created_at, stored.updated_at) == (RESOLVE, chunk.created_at, clock.now)
     pending = [c.chunk_id for c in await ledger.all_pending()]
     assert pending == [before.chunk_id, *(p.chunk_id for p in pieces), after.chunk_id]
-    blocker = await ledger.blocked_by_earlier(after)
+    blocker = (await ledger.view_ahead_of(after)).blocker(after)
     assert blocker is not None and blocker.chunk_id == pieces[2].chunk_id
 
 
@@ -575,7 +575,7 @@ async def test_a_ledger_keeps_to_its_partition() -> None:
     operation, (chunk,) = await other.accept(plan(("a1",)))
 
     assert operation.first_seq == 1 and chunk.partition == "tenant-b"
-    assert await other.blocked_by_earlier(chunk) is None
+    assert (await other.view_ahead_of(chunk)).blocker(chunk) is None
     assert entity(table, COUNTER)["Next"] == 2
     theirs = table.peek("tenant-b", COUNTER)
     assert theirs is not None and theirs["Next"] == 2
