@@ -42,6 +42,7 @@ import statistics
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,14 +243,11 @@ async def send_like_logic_apps(
     raise AssertionError("unreachable: the last attempt returns")
 
 
-async def run_naive(
-    stack: Stack, offsets: list[float], time_factor: float, seed: int, bound: float
-) -> Outcome:
-    outcome = Outcome("naive forwarder")
-    rng = random.Random(seed)
-    ids = {alert_id(n) for n in range(len(offsets))}
-    loop = asyncio.get_running_loop()
-    url = f"{stack.mde_url}/api/alerts/batchUpdate"
+@contextlib.asynccontextmanager
+async def direct_to_mde(
+    stack: Stack,
+) -> AsyncIterator[tuple[EmulatorControl, aiohttp.ClientSession, dict[str, str]]]:
+    """What a naive forwarder needs: the emulator reset, a session and its own bearer token's headers."""
     async with (
         EmulatorControl(stack.mde_url, stack.emulators.urls["identity_base"]) as ctl,
         aiohttp.ClientSession(timeout=TIMEOUT) as session,
@@ -258,7 +256,18 @@ async def run_naive(
         token = await fetch_token(
             session, stack.emulators.urls["identity"], stack.emulators.urls["identity_header"]
         )
-        headers = {"Authorization": f"Bearer {token}"}
+        yield ctl, session, {"Authorization": f"Bearer {token}"}
+
+
+async def run_naive(
+    stack: Stack, offsets: list[float], time_factor: float, seed: int, bound: float
+) -> Outcome:
+    outcome = Outcome("naive forwarder")
+    rng = random.Random(seed)
+    ids = {alert_id(n) for n in range(len(offsets))}
+    loop = asyncio.get_running_loop()
+    url = f"{stack.mde_url}/api/alerts/batchUpdate"
+    async with direct_to_mde(stack) as (ctl, session, headers):
         start = loop.time() + 0.2
         outcome.first_arrival = start + offsets[0]
 

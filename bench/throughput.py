@@ -61,8 +61,8 @@ from urllib.parse import unquote
 
 import aiohttp
 
-from bench.common import Stack, alert_id, emulator_options, fetch_token, header
-from bench.drain import TIMEOUT, _cumulative, limit_envelope, send_like_logic_apps
+from bench.common import Stack, alert_id, emulator_options, header
+from bench.drain import TIMEOUT, _cumulative, direct_to_mde, limit_envelope, send_like_logic_apps
 from bench.reference import BATCH, PATCH, Drain, Update, minimum_drain, one_call_per_request
 from devhost.services import REPO_ROOT
 from emulators.control import EmulatorControl, max_calls_in_any_window
@@ -349,15 +349,7 @@ async def run_naive(
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     url = f"{stack.mde_url}/api/alerts/batchUpdate"
-    async with (
-        EmulatorControl(stack.mde_url, stack.emulators.urls["identity_base"]) as ctl,
-        aiohttp.ClientSession(timeout=TIMEOUT) as session,
-    ):
-        await ctl.reset()
-        token = await fetch_token(
-            session, stack.emulators.urls["identity"], stack.emulators.urls["identity_header"]
-        )
-        headers = {"Authorization": f"Bearer {token}"}
+    async with direct_to_mde(stack) as (ctl, session, headers):
 
         async def send(n: int, request: Request) -> None:
             await send_like_logic_apps(session, url, request.body, headers, rng, time_factor, run.answers)

@@ -517,14 +517,19 @@ class AlertState:
     comments: list[AlertComment] = field(default_factory=list)
     update_seqs: list[int] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        """The control API's view: `comments` stays a list of strings; `commentEntries` adds when/which."""
+    def _fields(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "status": self.status,
             "classification": self.classification,
             "determination": self.determination,
             "assignedTo": self.assigned_to,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The control API's view: `comments` stays a list of strings; `commentEntries` adds when/which."""
+        return {
+            **self._fields(),
             "comments": [entry.comment for entry in self.comments],
             "commentEntries": [
                 {"comment": entry.comment, "createdTime": entry.created_time, "seq": entry.seq}
@@ -536,11 +541,7 @@ class AlertState:
     def entity(self) -> dict[str, Any]:
         """The alert entity PATCH answers with: the fields it can change, comments as MDE lists them."""
         return {
-            "id": self.id,
-            "status": self.status,
-            "classification": self.classification,
-            "determination": self.determination,
-            "assignedTo": self.assigned_to,
+            **self._fields(),
             "comments": [
                 {"comment": entry.comment, "createdTime": entry.created_time} for entry in self.comments
             ],
