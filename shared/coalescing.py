@@ -78,23 +78,32 @@ class PendingView:
     def carried_by(
         self, chunk: Chunk, limit: int, max_members: int = MAX_MEMBERS, *, due_by: float | None = None
     ) -> Chunk | None:
-        """The older waiting chunk whose call would carry `chunk` (it leads: the oldest sendable one of
-        that update), or None if `chunk` is that oldest, or would not fit in its call. With `due_by`,
-        only a leader whose own try is due by then (its queue message: a leader whose try comes later
-        would leave `chunk` waiting, so `chunk` leads instead and carries it)."""
-        older = [
-            e
-            for e in self.sendable()
-            if e.pending_key < chunk.pending_key and e.fields == chunk.fields and e.chunk_id != chunk.chunk_id
-        ]
-        if not older or chunk.solo:
+        """The older waiting chunk whose call would carry `chunk`, or None if `chunk` leads a call.
+
+        The sendable chunks with `chunk`'s update form calls in acceptance order: the oldest leads the
+        first, which takes the next ones while they fit (the batch limit, `max_members`); the first that
+        does not fit leads the second call, and so on. `chunk` rides with its call's leader. With
+        `due_by`, only a leader whose own try is due by then (its queue message: a leader whose try
+        comes later would leave `chunk` waiting, so `chunk` leads instead and carries it)."""
+        if chunk.solo:
             return None
-        lead = older[0]
+        lead: Chunk | None = None
+        size = count = 0
+        for entry in self.sendable():
+            if entry.fields != chunk.fields or entry.solo:
+                continue
+            if lead is None or count >= max_members or size + len(entry.alert_ids) > limit:
+                lead, size, count = entry, 0, 0
+            size, count = size + len(entry.alert_ids), count + 1
+            if entry.chunk_id == chunk.chunk_id:
+                break
+        else:
+            return None  # `chunk` is not sendable itself
+        if lead is None or lead.chunk_id == chunk.chunk_id:
+            return None
         if due_by is not None and lead.msg_due_at > due_by:
             return None
-        if any(m.chunk_id == chunk.chunk_id for m in self.members_for(lead, limit, max_members)):
-            return lead
-        return None
+        return lead
 
     def has_peer(self, chunk: Chunk) -> bool:
         """Would `chunk` share a batchUpdate call with another waiting chunk (identical update)? Then it

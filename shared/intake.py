@@ -26,8 +26,7 @@ from shared.ledger import (
 )
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
 from shared.outcomes import Accepted, InProgress, KeyReused, Replayed, SubmitOutcome
-from shared.ratelimit import Denial, Grant
-from shared.sender import AnswerHook, AttemptKind, plan_chunks
+from shared.sender import AnswerHook, AttemptKind, Held, plan_chunks
 
 if TYPE_CHECKING:
     from shared.idempotency import IdempotencyStore
@@ -84,13 +83,16 @@ class Intake:
         A request that will be tried at once reads the per-alert order side by side with claiming its key
         (Ledger.look_ahead), so a new one-chunk request takes three Table round trips besides its call:
         claim ‖ order, accept ‖ budget, and its end recorded with its answer in one write. The key is
-        then completed by the first replay, from the answer kept in the ledger (`_from_ledger`).
+        then completed by the first replay, from the answer kept in the ledger (`_from_ledger`). When
+        this process last saw the budget spent, that read and the budget request are not made: the
+        request is accepted Pending and tried the ordinary way (in a backlog the read, of every pending
+        entry, and a mark given back at once were most of a request's cost).
         """
         key = self._key(sub)
         digest = sub.update.digest()
         for _ in range(3):
             view: OrderView | None = None
-            if sub.respond_async:
+            if sub.respond_async or not self.sender.budget_free_as_seen():
                 claim = await self.keys.claim(key, digest, new_operation_id())
             else:
                 claim, view = await asyncio.gather(
@@ -148,7 +150,7 @@ class Intake:
     async def _look_ahead(self, sub: Submission) -> OrderView | None:
         """The order read before accepting; None (the ordinary path) if it could not be read."""
         try:
-            return await self.ledger.look_ahead(sub.update.alert_ids)
+            return await self.ledger.look_ahead(sub.update.alert_ids, sub.update.update.fields())
         except Exception:
             log.warning("per-alert order could not be read ahead; accepting the ordinary way", exc_info=True)
             return None
@@ -196,11 +198,22 @@ class Intake:
             hold_seconds=self.keys.claim_lease,
         )
         ahead = view is not None and not view.blocked and not sub.respond_async
-        held: Grant | Denial | None = None
+        # A small update nothing pending shares goes by PATCH while PATCH has room (docs/contracts.md §7,
+        # "Choices"): one alert asks PATCH beside accepting; more are split into pieces first, which the
+        # ordinary path does.
+        by_patch = (
+            view is not None
+            and not view.identical
+            and len(plan.chunks) == 1
+            and self.sender.prefers_patch(len(sub.update.alert_ids))
+        )
+        ahead = ahead and not (by_patch and len(sub.update.alert_ids) > 1)
+        held: Held = None
         try:
             if ahead:
                 (operation, chunks), held = await _both(
-                    self.ledger.accept(plan, view), self.sender.budget_now()
+                    self.ledger.accept(plan, view),
+                    self.sender.budget_now(len(sub.update.alert_ids) if by_patch else 0),
                 )
             else:
                 operation, chunks = await self.ledger.accept(plan)
@@ -241,7 +254,7 @@ class Intake:
         self,
         chunks: list[Chunk],
         respond_async: bool,
-        held: Grant | Denial | None = None,
+        held: Held = None,
         answer_for: AnswerHook | None = None,
     ) -> list[Chunk]:
         """Send what the budget allows within SYNC_MAX_WAIT_SECONDS; queue the rest. Returns the chunks' states.
@@ -309,9 +322,7 @@ def _chunk_docs(document: dict[str, Any]) -> list[_ChunkDoc]:
     return [_ChunkDoc(int(c["alertCount"]), str(c["status"])) for c in document.get("chunks", [])]
 
 
-async def _both(
-    first: Awaitable[T], second: Awaitable[Grant | Denial | None]
-) -> tuple[T, Grant | Denial | None]:
+async def _both(first: Awaitable[T], second: Awaitable[Held]) -> tuple[T, Held]:
     """Run both; the first's exception propagates once the second is done, the second's is logged as None."""
     results = await asyncio.gather(first, second, return_exceptions=True)
     if isinstance(results[0], BaseException):

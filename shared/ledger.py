@@ -288,6 +288,7 @@ class OrderView:
 
     counter: tuple[int, str]  # (next seq, ETag) as cached before the read of the pending entries was sent
     blocked: bool  # a pending entry shares an alert with the request
+    identical: bool = False  # a pending entry carries the same update (Ledger.look_ahead)
 
 
 @dataclass(frozen=True)
@@ -310,21 +311,30 @@ class Ledger:
         self._clock = clock
         self._counter: tuple[int, str] | None = None  # (next seq, etag) as last seen
         self._lock = asyncio.Lock()
+        # the light read of the unfinished entries in flight, and when it started (_light_entries)
+        self._light_read: tuple[float, asyncio.Future[list[Chunk]]] | None = None
 
     # --- accepting ----------------------------------------------------------------------------------
 
-    async def look_ahead(self, alert_ids: Iterable[str]) -> OrderView | None:
+    async def look_ahead(
+        self, alert_ids: Iterable[str], fields: dict[str, str] | None = None
+    ) -> OrderView | None:
         """Whether any pending entry shares an alert with these, read before accepting (see the module
-        docstring); None when this process has no accept counter cached to condition the accept on."""
+        docstring), and whether one carries the update `fields` (a stream of identical updates, which
+        batchUpdate carries together); None when this process has no accept counter cached to condition
+        the accept on."""
         counter = self._counter  # taken before the read is sent: that is what makes the view sound
         if counter is None:
             return None
         mine = set(alert_ids)
         entities = await self._table.query(
-            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."), select=["AlertIds"]
+            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."), select=["AlertIds", "Fields"]
         )
         blocked = any(mine.intersection(json.loads(entity["AlertIds"])) for entity in entities)
-        return OrderView(counter, blocked)
+        identical = fields is not None and any(
+            json.loads(entity.get("Fields") or "{}") == fields for entity in entities
+        )
+        return OrderView(counter, blocked, identical)
 
     async def accept(self, plan: AcceptPlan, view: OrderView | None = None) -> tuple[Operation, list[Chunk]]:
         """Number the request's chunks and write operation, journal and chunks in one transaction.
@@ -482,34 +492,60 @@ class Ledger:
         entities = await self._table.query(_UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."))
         return PendingView([Chunk.from_entity(e) for e in entities], self._clock())
 
-    async def view_ahead_of(self, chunk: Chunk) -> PendingView:
+    async def view_ahead_of(self, chunk: Chunk, since: float | None = None) -> PendingView:
         """The unfinished pending entries accepted before `chunk`, then `chunk` itself: what the order
         check and the choice of channel decide from. Only the columns those rules read (a try reads
-        this on every attempt, so it stays light); its entries must never be written back."""
+        this on every attempt, so it stays light); its entries must never be written back. `since`: see
+        `_light_entries`."""
         from shared.coalescing import PendingView
 
-        entities = await self._table.query(
-            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", chunk.pending_key), select=_VIEW_COLUMNS
-        )
-        return PendingView([*(Chunk.from_entity(e) for e in entities), chunk], self._clock())
+        entries = await self._light_entries(since)
+        ahead = [e for e in entries if e.pending_key < chunk.pending_key]
+        return PendingView([*ahead, chunk], self._clock())
 
-    async def identical_waiting_after(self, chunk: Chunk) -> bool:
+    async def identical_waiting_after(self, chunk: Chunk, since: float | None = None) -> bool:
         """Does a chunk accepted after `chunk` wait, Pending and out of back-off, with an identical update?
-        (A light read of the later entries: then `chunk`'s call can carry it.)"""
-        entities = await self._table.query(
-            _UNFINISHED_RANGE,
-            _unfinished(self.partition, chunk.pending_key + "~", "p."),
-            select=_LATER_COLUMNS,
-        )
+        (Then `chunk`'s call can carry it.) `since`: see `_light_entries`."""
         now = self._clock()
         return any(
-            json.loads(e.get("Fields") or "{}") == chunk.fields
-            and e.get("State") == PendingState.PENDING
-            and float(e.get("NotBefore", 0.0)) <= now
-            and not e.get("Solo")
-            and not e.get("FreshToken")
-            for e in entities
+            e.pending_key > chunk.pending_key
+            and e.fields == chunk.fields
+            and e.state == PendingState.PENDING
+            and e.not_before <= now
+            and not e.solo
+            and not e.fresh_token
+            for e in await self._light_entries(since)
         )
+
+    async def identical_unfinished(self, chunk: Chunk, since: float | None = None) -> bool:
+        """Is another update identical to `chunk`'s pending, waiting or in flight? Then more of the same
+        are likely to come, and batchUpdate carries them together (docs/contracts.md §7, the choice of
+        channel). `since`: see `_light_entries`."""
+        return any(
+            e.chunk_id != chunk.chunk_id and e.fields == chunk.fields
+            for e in await self._light_entries(since)
+        )
+
+    async def _light_entries(self, since: float | None) -> list[Chunk]:
+        """Every unfinished pending entry, light (the view's columns), in order.
+
+        Concurrent tries in one process share one read: a try passes `since`, the monotonic time it
+        began (after its chunk was accepted), and joins (or reuses) the latest read if that started no
+        earlier, which therefore holds every entry accepted before its chunk. Under a burst this turns one read per try (each
+        of the whole backlog) into about one per read's latency. Without `since`, a read of its own."""
+        shared = self._light_read
+        if since is not None and shared is not None and shared[0] >= since:
+            return await asyncio.shield(shared[1])
+        started = time.monotonic()
+        read = asyncio.ensure_future(self._read_light())
+        self._light_read = (started, read)
+        return await asyncio.shield(read)
+
+    async def _read_light(self) -> list[Chunk]:
+        entities = await self._table.query(
+            _UNFINISHED_RANGE, _unfinished(self.partition, "p-", "p."), select=_VIEW_COLUMNS
+        )
+        return [Chunk.from_entity(e) for e in entities]
 
     async def changed_since(self, seq: int, digest: str, alert_ids: Iterable[str]) -> bool:
         """Was a different update for any of these alerts accepted after `seq`? (derived keys: A, B, A)"""
@@ -665,9 +701,12 @@ class Ledger:
         """Move a chunk finished in place from p- to r- (one transaction); False if someone else did."""
         return await self._table.transact(_settling(done, done.etag)) is not None
 
-    async def split(self, chunk: Chunk, size: int) -> list[Chunk] | None:
+    async def split(
+        self, chunk: Chunk, size: int, mark: Callable[[Chunk], dict[str, Any]] | None = None
+    ) -> list[Chunk] | None:
         """Replace a pending chunk by pieces of at most `size` ids that keep its place in the order; None if
-        someone else changed the chunk first."""
+        someone else changed the chunk first. With `mark`, each piece is written with that change (the
+        PATCH channel's pieces, marked Sending in the same transaction: one write before their calls)."""
         size = max(size, -(-len(chunk.alert_ids) // (MAX_TRANSACTION - 1)))  # one delete + the pieces
         pieces = [chunk.alert_ids[i : i + size] for i in range(0, len(chunk.alert_ids), size)]
         now = self._clock()
@@ -685,6 +724,8 @@ class Ledger:
             )
             for n, ids in enumerate(pieces)
         ]
+        if mark is not None:
+            new = [dataclasses.replace(piece, **mark(piece)) for piece in new]
         delete = conditional(
             "delete", {"PartitionKey": self.partition, "RowKey": chunk.pending_key}, chunk.etag
         )
@@ -721,7 +762,6 @@ _UNFINISHED_RANGE = (
 )
 
 
-_LATER_COLUMNS = ["RowKey", "Fields", "State", "NotBefore", "Solo", "FreshToken"]
 _VIEW_COLUMNS = [
     "RowKey", "OperationId", "AlertIds", "Fields", "State", "NotBefore", "Solo", "FreshToken", "MsgDueAt",
 ]  # fmt: skip

@@ -136,6 +136,10 @@ class PatchGrants:
     grants: list[Grant]
 
 
+Held = Grant | PatchGrants | Denial | None
+"""The budget the synchronous path asked for beside accepting (Sender.budget_now)."""
+
+
 def backoff(attempts: int, retry_after: float | None) -> float:
     """Exponential from 1 s with ±50 % jitter, capped, and never sooner than MDE's Retry-After."""
     base = min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, attempts - 1))
@@ -153,7 +157,7 @@ class _Try:
 
     chunk: Chunk
     max_wait: float
-    held: Grant | Denial | None
+    held: Held
     answer_for: AnswerHook | None
     lead: float
     order_checked: bool  # accepted marked Sending: the order was checked before accepting
@@ -161,6 +165,8 @@ class _Try:
     first: bool = True  # the first budget request (it may check the order and wait)
     stale: int = 0  # grants given up for age so far
     view: PendingView | None = None  # the pending entries as read for the order check
+    # when the try began (monotonic): it may share reads of the pending entries started since
+    started: float = field(default_factory=time.monotonic)
 
     def usable_held(self) -> Grant | None:
         """The grant asked for beside accepting, usable only by a chunk accepted marked Sending."""
@@ -213,7 +219,7 @@ class Sender:
         chunk: Chunk,
         max_wait: float,
         *,
-        held: Grant | Denial | None = None,
+        held: Held = None,
         answer_for: AnswerHook | None = None,
         lead: float = 0.0,
     ) -> Attempt:
@@ -236,6 +242,10 @@ class Sender:
         )
         while True:
             token = await bearer(self.tokens, fresh=state.chunk.fresh_token, rejected=state.rejected)
+            if isinstance(state.held, PatchGrants):
+                by_patch = await self._held_patch(state, state.held, token)
+                if by_patch is not None:
+                    return by_patch
             grant = state.usable_held()
             if isinstance(token, CallResult) or grant is None:
                 ended = await self._give_mark_back(state)
@@ -282,6 +292,19 @@ class Sender:
         if len(chunk.alert_ids) > limit:
             return await self._split(chunk, limit)
         return None
+
+    async def _held_patch(self, state: _Try, held: PatchGrants, token: str | CallResult) -> Attempt | None:
+        """A one-alert chunk accepted marked Sending with a PATCH grant asked for beside accepting
+        (`budget_now`): its call goes at once, as a PATCH piece of its own. Without a token the grant
+        goes back and the try goes on the ordinary way (None)."""
+        assert self.patch is not None
+        state.held = None
+        if isinstance(token, CallResult) or not (state.first and state.order_checked):
+            await self._release_all(held.grants, self.patch)
+            return None
+        state.first = False
+        piece = dataclasses.replace(state.chunk, channel=self.patch.name, call_id=uuid.uuid4().hex)
+        return await self._patch_one(piece, held.grants[0], token, state.answer_for)
 
     async def _give_mark_back(self, state: _Try) -> Attempt | None:
         """No call is about to start (no token, or no grant in hand): a Sending mark goes back first."""
@@ -498,20 +521,49 @@ class Sender:
         bound, so coming back late would only leave the budget idle)."""
         return max(0.0, budget_wait - self.worker_wait / 2)
 
-    async def budget_now(self) -> Grant | Denial | None:
+    def budget_free_as_seen(self) -> bool:
+        """Was batchUpdate's budget free when this process last saw it (no I/O)? Only a hint for
+        whether the synchronous path's fast start is worth its reads: the budget request decides."""
+        return self.limiter.expected_wait() <= 0
+
+    async def budget_now(self, alert_count: int = 0) -> Held:
         """A non-waiting budget request that the synchronous path makes side by side with accepting.
 
         Only once a token is at hand (normally from the cache, no I/O): a grant must reach MDE within half
-        the safety margin, and a token fetch could take longer. None when there is no token or the limiter
-        failed: the ordinary path then asks again.
+        the safety margin, and a token fetch could take longer. A one-alert request whose update nothing
+        pending shares (`alert_count` 1: the caller checked) asks PATCH first (`prefers_patch`), unless
+        this process last saw PATCH's budget spent, and batchUpdate if PATCH has no room now. None when there is no token or the limiter failed:
+        the ordinary path then asks again.
         """
         if isinstance(await bearer(self.tokens), CallResult):
             return None
         try:
+            patch = self.patch
+            if (
+                alert_count == 1
+                and patch is not None
+                and self.prefers_patch(1)
+                and patch.limiter.expected_wait() <= 0
+            ):
+                grants = await patch.limiter.reserve_many(1, 0.0)
+                if not isinstance(grants, Denial):
+                    return PatchGrants(grants)
             return await self.limiter.acquire(0.0)
         except Exception:
             log.warning("budget request alongside accepting failed; asking again after", exc_info=True)
             return None
+
+    def prefers_patch(self, alert_count: int) -> bool:
+        """Does a chunk of this many alerts go by PATCH when both channels could take it now? When PATCH is
+        on and the chunk is below the exchange rate (`patch_exchange_rate`) and within PATCH_MAX_ALERTS:
+        then its PATCH calls cost less of the long windows than one batchUpdate call, which stays free
+        for the chunks PATCH cannot take cheaply (docs/contracts.md §7, "Choices"). The caller checks
+        that no identical update is pending (batchUpdate would carry those together)."""
+        return (
+            self.patch is not None
+            and alert_count <= self.settings.patch_max_alerts
+            and alert_count < self.patch_exchange_rate
+        )
 
     async def _release(self, grant: Grant, channel: Channel | None = None) -> None:
         """Give back a grant whose call was not made; if that fails, the budget is only spent unused."""
@@ -554,10 +606,15 @@ class Sender:
         chunk, lead = state.chunk, state.lead
 
         async def first_budget() -> Grant | Denial:
-            return state.held if state.held is not None else await self.limiter.reserve(0.0, lead=lead)
+            held = state.held
+            if isinstance(held, Grant | Denial):
+                return held
+            return await self.limiter.reserve(0.0, lead=lead)
 
         if not state.order_checked:
-            view, grant = await asyncio.gather(self.ledger.view_ahead_of(chunk), first_budget())
+            view, grant = await asyncio.gather(
+                self.ledger.view_ahead_of(chunk, state.started), first_budget()
+            )
             state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
                 if isinstance(grant, Grant):
@@ -567,6 +624,9 @@ class Sender:
         else:
             grant = await first_budget()
         if isinstance(grant, Grant):
+            patch_now = await self._patch_first(state, grant)
+            if patch_now is not None:
+                return patch_now
             return await self._lead_the_waiting(state, grant)
         riding = await self._riding(state, grant.wait_seconds)
         if riding is not None:
@@ -579,6 +639,23 @@ class Sender:
         if isinstance(grant, Denial) and by_patch is not None:
             return Denial(min(grant.wait_seconds, by_patch.wait_seconds))
         return grant
+
+    async def _patch_first(self, state: _Try, grant: Grant) -> PatchGrants | None:
+        """Both channels could take the chunk now: a small one with an update nothing pending shares goes
+        by PATCH if each of its alerts gets a PATCH slot now (`prefers_patch`), and the batchUpdate
+        grant goes back. None: batchUpdate it is."""
+        chunk = state.chunk
+        if self.patch is None or chunk.solo or state.held is not None:
+            return None
+        if not self.prefers_patch(len(chunk.alert_ids)):
+            return None
+        if await self.ledger.identical_unfinished(chunk, state.started):
+            return None
+        grants = await self.patch.limiter.reserve_many(len(chunk.alert_ids), 0.0, lead=state.lead)
+        if isinstance(grants, Denial):
+            return None
+        await self._release(grant)
+        return PatchGrants(grants)
 
     async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial | Attempt:
         """A grant of now while identical updates wait (the budget has just freed up, and they wait for a
@@ -594,7 +671,7 @@ class Sender:
             await self._release(grant)
             riding = await self._riding(state, 0.0)
             return riding or await self.limiter.reserve(state.max_wait, lead=state.lead)
-        if not await self.ledger.identical_waiting_after(state.chunk):
+        if not await self.ledger.identical_waiting_after(state.chunk, state.started):
             if self._clock() - grant.at <= self.max_grant_age / 2:
                 return grant
             # the read took long enough to age the grant: a slot with time to mark the chunk instead
@@ -611,7 +688,7 @@ class Sender:
         if state.chunk.solo:
             return None
         if state.view is None:
-            state.view = await self.ledger.view_ahead_of(state.chunk)
+            state.view = await self.ledger.view_ahead_of(state.chunk, state.started)
         carrier = state.view.carried_by(state.chunk, await self.channel.max_alerts())
         if carrier is None:
             return None
@@ -636,14 +713,12 @@ class Sender:
         piece gets a PATCH slot strictly before batchUpdate's next one (on a tie, batchUpdate) and within
         the wait allowed. A Denial says when PATCH budget would come; None: not a PATCH chunk."""
         chunk = state.chunk
-        if self.patch is None or len(chunk.alert_ids) > self.settings.patch_max_alerts:
-            return None
-        if len(chunk.alert_ids) >= self.patch_exchange_rate:
+        if self.patch is None or not self.prefers_patch(len(chunk.alert_ids)):
             return None  # cheaper, over the long run, as one batchUpdate call (see patch_exchange_rate)
         if state.view is None:
-            state.view = await self.ledger.view_ahead_of(chunk)
-        if state.view.has_peer(chunk):
-            return None
+            state.view = await self.ledger.view_ahead_of(chunk, state.started)
+        if state.view.has_peer(chunk) or await self.ledger.identical_waiting_after(chunk, state.started):
+            return None  # it leads (or rides) a batchUpdate call that carries others for nothing
         within = min(state.max_wait, batch_wait - PATCH_TIE_SECONDS)
         if within < 0:
             return None
@@ -853,21 +928,17 @@ class Sender:
         assert self.patch is not None
         channel, chunk = self.patch, state.chunk
         split = len(chunk.alert_ids) > 1
-        pieces = await self.ledger.split(chunk, 1) if split else [chunk]
-        if pieces is None:
-            await self._release_all(patch.grants, channel)
-            return Attempt(AttemptKind.LOST, chunk)
         early = patch.grants[0].at - MARK_LEAD_SECONDS - self._clock()
         if early > 0:
             await asyncio.sleep(early)
-        marked = await self.ledger.update_together(pieces, self._sending(channel, None))
+        sending = self._sending(channel, None)
+        if split:  # split and marked in one transaction: one write between the grants and the calls
+            marked = await self.ledger.split(chunk, 1, mark=sending)
+        else:
+            marked = await self.ledger.update_together([chunk], sending)
         if marked is None:
             await self._release_all(patch.grants, channel)
-            return (
-                Attempt(AttemptKind.SPLIT, chunk, pieces=pieces)
-                if split
-                else Attempt(AttemptKind.LOST, chunk)
-            )
+            return Attempt(AttemptKind.LOST, chunk)
         answer = None if split else state.answer_for
         parts = list(
             await asyncio.gather(

@@ -500,12 +500,27 @@ def storage_credential(storage: StorageSettings) -> AsyncTokenCredential | None:
 
 
 def client_options() -> dict[str, Any]:
-    """The SDK's retries off (the seam retries, knowing what may have landed) and bounded timeouts."""
-    return {
+    """The SDK's retries off (the seam retries, knowing what may have landed) and bounded timeouts.
+
+    The environment is trusted only when it names a proxy: an aiohttp session that trusts it also looks
+    for ~/.netrc credentials in a worker thread on every request, which under a burst cost the worker
+    process about a third of its CPU (docs/architecture.md, "Storage clients")."""
+    options: dict[str, Any] = {
         "retry_total": 0,
         "connection_timeout": CONNECT_TIMEOUT_SECONDS,
         "read_timeout": READ_TIMEOUT_SECONDS,
     }
+    if not proxy_in_environment():
+        options["use_env_settings"] = False
+    return options
+
+
+def proxy_in_environment() -> bool:
+    """Does the environment name an HTTP(S) proxy (the variables the SDK's transport would read)?"""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
 
 
 def table_service(storage: StorageSettings, credential: AsyncTokenCredential | None) -> TableServiceClient:

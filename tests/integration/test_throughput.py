@@ -30,8 +30,9 @@ def close(ids: list[str], comment: str) -> dict[str, Any]:
 
 
 async def spend_batch_budget(http: aiohttp.ClientSession, base: str) -> None:
-    """One request that takes the only batchUpdate call of the window."""
-    status, _, body = await post(http, base + BATCH, close(new_ids(1), "spends the budget"))
+    """One request that takes the only batchUpdate call of the window: more alerts than PATCH_MAX_ALERTS,
+    so PATCH cannot take it even with both channels free."""
+    status, _, body = await post(http, base + BATCH, close(new_ids(11), "spends the budget"))
     assert status == 200, body
 
 
@@ -145,3 +146,22 @@ async def test_a_deferred_request_s_retry_after_is_when_its_update_goes_out(
     [call] = [c for c in await ctl.calls("batchUpdate") if c["alertIds"] == ids]
     took = call["time"] - asked  # the emulator's clock is this machine's monotonic clock
     assert abs(said - took) <= 0.25 * took, (said, took)
+
+
+async def test_with_both_channels_free_small_distinct_updates_go_by_patch_and_larger_ones_by_batch_update(
+    hosts: HostPool, ctl: EmulatorControl, http: aiohttp.ClientSession
+) -> None:
+    """docs/contracts.md §7, "When both channels are free": below the exchange rate (3 here: 15/30
+    against 5/30) a Sentinel-like update goes by PATCH, one alert on the fast path, two split into
+    pieces; three alerts, or an update identical to one pending, keep batchUpdate."""
+    base = hosts.get(**FAST, DEFENDER_RATE_LIMITS="5/30", DEFENDER_PATCH_RATE_LIMITS="15/30").urls["base"]
+    one, two, three = new_ids(1), new_ids(2), new_ids(3)
+    tag = uuid.uuid4()
+
+    for ids in (one, two, three):
+        status, _, body = await post(http, base + BATCH, close(ids, f"incident {tag} {len(ids)}"))
+        assert status == 200, body
+
+    assert sorted(c["alertIds"][0] for c in await ctl.calls("patch")) == sorted([*one, *two])
+    assert [sorted(c["alertIds"]) for c in await ctl.calls("batchUpdate")] == [sorted(three)]
+    await comments_once(ctl, {a: f"incident {tag} {len(ids)}" for ids in (one, two, three) for a in ids})

@@ -480,3 +480,115 @@ async def test_updates_arriving_while_a_call_waits_for_its_slot_join_it(clock: M
     assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2), alert(3))]
     ends = [await stored(rig, c) for c in (lead, member, *arrived)]
     assert {e.state for e in ends} == {ChunkResult.SUCCEEDED} and len({e.call_id for e in ends}) == 1
+
+
+# --- which channel when both could take a chunk now (docs/contracts.md §7, "Choices") ---------------------
+
+
+async def test_with_both_channels_free_a_small_update_nothing_shares_goes_by_patch(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None and rig.sender.patch_exchange_rate == 10
+    [chunk] = await rig.accept(alert(1), alert(2), fields=OTHER)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=0.0)
+
+    assert attempt.kind is AttemptKind.PIECES and rig.calls == []
+    assert [c.alert_ids for c in rig.patch.calls] == [(alert(1),), (alert(2),)]
+    assert [(p.state, p.attempts, p.channel) for p in attempt.pieces] == [
+        (ChunkResult.SUCCEEDED, 1, "patch")
+    ] * 2
+    assert await rig.budget_log() == []  # the batchUpdate grant asked for first went back
+    assert await rig.budget_log("patch-calls") == [START, START]
+
+
+async def test_with_both_channels_free_an_update_identical_to_a_pending_one_takes_batch_update(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    first, _ = await one_each(rig, 1, 2)
+
+    await rig.sender.attempt(first, max_wait=WAIT)
+
+    assert rig.patch.calls == []  # a stream of one update: batchUpdate carries them together
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2))]
+
+
+async def test_with_both_channels_free_a_chunk_at_the_exchange_rate_takes_batch_update(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10", "DEFENDER_PATCH_RATE_LIMITS": "2/10"})
+    assert rig.patch is not None and rig.sender.patch_exchange_rate == 2
+    [pair] = await rig.accept(alert(1), alert(2), fields=OTHER)
+
+    await rig.sender.attempt(pair, max_wait=0.0)
+
+    assert rig.patch.calls == [] and [c.alert_ids for c in rig.calls] == [(alert(1), alert(2))]
+
+
+async def test_with_patch_spent_a_small_update_takes_batch_update_s_free_budget(clock: ManualClock) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10", "DEFENDER_PATCH_RATE_LIMITS": "1/10"})
+    assert rig.patch is not None
+    assert isinstance(await rig.patch.limiter.acquire(0.0), Grant)
+    [chunk] = await one_each(rig, 1, fields=OTHER)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=0.0)
+
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert rig.patch.calls == [] and [c.alert_ids for c in rig.calls] == [(alert(1),)]
+
+
+async def test_a_one_alert_request_on_the_fast_path_asks_patch_beside_accepting(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    assert rig.patch is not None
+    await rig.accept(alert(9), fields=CLOSE)  # the accept counter is cached: the order can be read ahead
+    view = await rig.ledger.look_ahead([alert(1)], OTHER)
+    assert view is not None and not view.blocked and not view.identical
+    [chunk] = await rig.accept(alert(1), fields=OTHER, view=view)
+    held = await rig.sender.budget_now(1)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=0.0, held=held)
+
+    assert attempt.kind is AttemptKind.FINISHED and attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert [c.alert_ids for c in rig.patch.calls] == [(alert(1),)] and rig.calls == []
+    done = await stored(rig, chunk)
+    assert (done.channel, done.attempts) == ("patch", 1) and done.call_id
+    assert await rig.budget_log() == [] and await rig.budget_log("patch-calls") == [START]
+
+
+async def test_the_read_ahead_sees_an_identical_pending_update(clock: ManualClock) -> None:
+    rig = build(clock, env=PATCH_ON)
+    await one_each(rig, 1)
+
+    same = await rig.ledger.look_ahead([alert(2)], CLOSE)
+    other = await rig.ledger.look_ahead([alert(2)], OTHER)
+
+    assert same is not None and same.identical and not same.blocked
+    assert other is not None and not other.identical
+
+
+async def test_concurrent_tries_share_one_read_of_the_pending_entries(clock: ManualClock) -> None:
+    import asyncio
+    import time
+
+    rig = build(clock)
+    first, second = await one_each(rig, 1, 2)
+
+    async def slow() -> None:  # the read is in flight while the other try asks
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    rig.operations.before("query", slow)
+    since = time.monotonic()
+    before = rig.operations.counts["query"]
+    ahead_of_first, ahead_of_second = await asyncio.gather(
+        rig.ledger.view_ahead_of(first, since), rig.ledger.view_ahead_of(second, since)
+    )
+
+    assert rig.operations.counts["query"] - before == 1
+    assert [e.chunk_id for e in ahead_of_first.entries] == [first.chunk_id]
+    assert [e.chunk_id for e in ahead_of_second.entries] == [first.chunk_id, second.chunk_id]
+    await rig.ledger.view_ahead_of(second)  # no `since`: a read of its own
+    assert rig.operations.counts["query"] - before == 2

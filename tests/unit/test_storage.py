@@ -744,3 +744,16 @@ def test_the_sdks_own_retries_are_off_and_timeouts_bounded() -> None:
     options = client_options()
     assert options["retry_total"] == 0
     assert 0 < options["connection_timeout"] <= options["read_timeout"] <= 30
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY"])
+def test_storage_clients_trust_the_environment_only_when_it_names_a_proxy(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert client_options()["use_env_settings"] is False  # no ~/.netrc lookup on every request
+
+    monkeypatch.setenv(variable, "http://proxy.example:3128")
+
+    assert "use_env_settings" not in client_options()  # the SDK's default: proxy settings honoured
