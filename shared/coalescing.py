@@ -56,14 +56,21 @@ class PendingView:
         return None
 
     def members_for(self, lead: Chunk, limit: int, max_members: int = MAX_MEMBERS) -> list[Chunk]:
-        """The other chunks that ride `lead`'s call: sendable, identical update, disjoint alerts, oldest
-        first, while the call stays within `limit` alert ids and `max_members` chunks (lead included)."""
+        """The other chunks that ride `lead`'s call: sendable, identical update, disjoint alerts, while
+        the call stays within `limit` alert ids and `max_members` chunks (lead included).
+
+        The ones accepted after `lead` come first, in order, then older ones, oldest first: `lead` leads
+        the call of its own group (`carried_by`), and the older ones it may take are those an older
+        leader's call left behind. Two leaders gathering at once then take disjoint members instead of
+        racing for the oldest ones."""
         if lead.solo:
             return []
         taken = set(lead.alert_ids)
         size = len(lead.alert_ids)
         members: list[Chunk] = []
-        for entry in self.sendable():
+        ready = self.sendable()
+        later = [e for e in ready if e.pending_key > lead.pending_key]
+        for entry in [*later, *(e for e in ready if e.pending_key < lead.pending_key)]:
             if len(members) + 1 >= max_members:
                 break
             if entry.chunk_id == lead.chunk_id or entry.fields != lead.fields:

@@ -71,6 +71,10 @@ MARK_ROUNDS = 3
 # How long before its slot a call starts gathering and marking members (one read and a transaction of up
 # to 100 rows: tens of milliseconds, more on a busy instance); at once if the slot is nearer.
 COALESCE_MARK_LEAD_SECONDS = 0.5
+# How far ahead of now a grant of now is traded for when identical updates wait for a call to carry them
+# (Sender._lead_the_waiting): time to read and mark them (tens of milliseconds, more on a busy instance),
+# not the full gathering lead: the budget is free, so every tenth of a second here is latency.
+TRADE_LEAD_SECONDS = 0.2
 # How long after the slot it waits for a chunk riding with another's call looks again (taken along: its
 # message finds it gone; left out, a full call: it leads the next).
 RIDE_SLACK_SECONDS = 0.2
@@ -661,7 +665,7 @@ class Sender:
         """A grant of now while identical updates wait (the budget has just freed up, and they wait for a
         call to carry them). If an older one waits, it leads: this chunk gives the grant back and rides
         with it (`_riding`). If only younger ones wait, this chunk's call carries them: a grant of now
-        leaves no time to gather them, so it is traded for a slot COALESCE_MARK_LEAD_SECONDS ahead (the
+        leaves no time to gather them, so it is traded for a slot TRADE_LEAD_SECONDS ahead (the
         first that fits, within the wait allowed from there). Budget is seldom free while many wait,
         so the extra read of the later entries is seldom made."""
         view = state.view
@@ -678,7 +682,7 @@ class Sender:
             await self._release(grant)
             return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
         await self._release(grant)
-        return await self.limiter.reserve(state.max_wait, lead=max(state.lead, COALESCE_MARK_LEAD_SECONDS))
+        return await self.limiter.reserve(state.max_wait, lead=max(state.lead, TRADE_LEAD_SECONDS))
 
     async def _riding(self, state: _Try, batch_wait: float) -> Attempt | None:
         """With batchUpdate's budget spent, a chunk that an older waiting identical update's call will

@@ -17,7 +17,7 @@ from shared.channels.base import CallResult
 from shared.coalescing import PendingView
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
-from shared.sender import COALESCE_MARK_LEAD_SECONDS, AttemptKind
+from shared.sender import TRADE_LEAD_SECONDS, AttemptKind
 from tests.unit.upstream_fakes import OK, START, ManualClock, Rig, answer, build, too_large, unknown
 
 CLOSE = {"status": "Resolved", "classification": "FalsePositive", "comment": "closed by script"}
@@ -64,11 +64,11 @@ def entry(seq: int, *ids: int, fields: dict[str, str] = CLOSE, **changes: object
     return chunk
 
 
-def test_members_are_identical_disjoint_sendable_and_oldest_first() -> None:
+def test_members_are_identical_disjoint_sendable_and_the_lead_s_own_group_first() -> None:
     lead = entry(5, 5)
     view = PendingView(
         [
-            entry(1, 1),  # identical, oldest: rides
+            entry(1, 1),  # identical, older: rides, after the later ones
             entry(2, 2, fields=OTHER),  # another update: not a member
             entry(3, 3, state=PendingState.SENDING),  # in flight elsewhere
             entry(4, 4, not_before=START + 5),  # in its back-off
@@ -82,9 +82,20 @@ def test_members_are_identical_disjoint_sendable_and_oldest_first() -> None:
 
     members = view.members_for(lead, limit=500)
 
-    assert [m.chunk_id for m in members] == [f"{1:012d}", f"{8:012d}"]
+    assert [m.chunk_id for m in members] == [f"{8:012d}", f"{1:012d}"]
     ids = [a for c in [lead, *members] for a in c.alert_ids]
     assert len(ids) == len(set(ids))  # disjoint
+
+
+def test_calls_of_one_update_form_in_groups_that_two_leaders_gather_apart() -> None:
+    chunks = [entry(n, n) for n in range(1, 6)]
+    view = PendingView(chunks, now=START)
+
+    # calls of at most two members: 1 leads 1-2, 3 leads 3-4, 5 leads 5
+    assert [view.carried_by(c, 500, 2) for c in chunks] == [None, chunks[0], None, chunks[2], None]
+    assert view.members_for(chunks[2], 500, 2) == [chunks[3]]  # its own group, not the older 1 and 2
+    assert view.members_for(chunks[0], 500, 2) == [chunks[1]]
+    assert view.members_for(chunks[4], 500, 3) == [chunks[0], chunks[1]]  # nothing later: the oldest
 
 
 def test_members_stop_at_the_batch_limit_and_the_member_cap() -> None:
@@ -201,7 +212,7 @@ async def test_a_grant_of_now_is_traded_for_a_slot_that_carries_the_waiting(cloc
     await rig.sender.attempt(lead, max_wait=1.0)
 
     [call] = rig.calls
-    assert call.alert_ids == (alert(1), alert(2)) and call.at >= START + COALESCE_MARK_LEAD_SECONDS
+    assert call.alert_ids == (alert(1), alert(2)) and call.at >= START + TRADE_LEAD_SECONDS
     assert (await stored(rig, waiting)).state == ChunkResult.SUCCEEDED
 
 
