@@ -201,6 +201,7 @@ class Run:
     answers: Counter[int] = field(default_factory=Counter)  # what callers were answered
     accepted: list[bool] = field(default_factory=list)
     sent: list[float] = field(default_factory=list)  # when each request went out (nan: never)
+    answered: list[float] = field(default_factory=list)  # when each got its last answer (alertgate only)
     resends: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)  # the emulator's call records
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # the emulator's final alert state
@@ -291,7 +292,7 @@ def parse_json(text: str) -> Any:
 
 
 async def run_alertgate(stack: Stack, base_url: str, requests: list[Request], tag: str, bound: float) -> Run:
-    run = Run("alertgate", accepted=[False] * len(requests))
+    run = Run("alertgate", accepted=[False] * len(requests), answered=[math.nan] * len(requests))
     loop = asyncio.get_running_loop()
     url = f"{base_url}/api/alerts/batchUpdate"
     async with (
@@ -318,6 +319,7 @@ async def run_alertgate(stack: Stack, base_url: str, requests: list[Request], ta
                     await asyncio.sleep(min(retry_after, 2.0))
                     continue
                 run.answers[status] += 1
+                run.answered[n] = loop.time() - run.first_arrival
                 run.accepted[n] = (
                     status in (200, 202) and isinstance(document, dict) and "operationId" in document
                 )
@@ -387,6 +389,7 @@ class Figures:
     drain: float | None  # first arrival to the last 200 that applied an update; None if any lost
     last_ok: float  # the last 200 that applied an update, lost or not
     busiest: dict[str, int]  # per "channel window": the most admitted calls in any window-long interval
+    last_answered: float  # when the last request got its answer (a 202 once accepted); nan if not kept
 
 
 def figures(run: Run, requests: list[Request], limits: dict[str, tuple[RateWindow, ...]]) -> Figures:
@@ -420,6 +423,7 @@ def figures(run: Run, requests: list[Request], limits: dict[str, tuple[RateWindo
         drain=max(done) if done and lost == 0 else None,
         last_ok=max(done, default=math.nan),
         busiest=busiest(run, limits),
+        last_answered=max((a for a in run.answered if not math.isnan(a)), default=math.nan),
     )
 
 
@@ -506,6 +510,10 @@ def table(
         ),
         ("time until every update applied", [seconds(f.drain, f.lost) for f in figs]),
         ("  last update applied at", [f"{f.last_ok:.2f} s" for f in figs]),
+        (
+            "  last request answered at (a 202 once accepted)",
+            ["-" if math.isnan(f.last_answered) else f"{f.last_answered:.2f} s" for f in figs],
+        ),
         ("  over the theoretical minimum", [ratio(f.drain, minimum) for f in figs]),
         ("  one call per request over it", [ratio(single, f.drain) for f in figs]),
     ]
