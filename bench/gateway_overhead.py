@@ -320,6 +320,8 @@ def trace_report(traces: list[PostTrace], prefix: str, warmup: int) -> list[str]
         return f"{name:<42} {min(values):>5} {statistics.median(values):>7g} {max(values):>5}"
 
     def ms(name: str, values: list[float]) -> str:
+        if not values:  # no POST's requests could be told apart in the log
+            return f"{name:<58} {'n/a':>6}"
         return f"{name:<58} {statistics.median(values):>6.1f}"
 
     head = f"{'per POST':<42} {'min':>5} {'median':>7} {'max':>5}"
