@@ -179,27 +179,40 @@ def start_emulators(
     *,
     mde_port: int | None = None,
     identity_port: int | None = None,
+    entra_port: int | None = None,
     identity_header: str = "local-identity-header",
     extra_args: list[str] | None = None,
     timeout: float = 20.0,
 ) -> Service:
-    """The MDE emulator and the managed-identity endpoint, in one process (they share the tokens)."""
+    """The MDE emulator, the managed-identity endpoint and the Entra token endpoint, in one process (they
+    share the tokens).
+
+    `urls["entra"]` is the Entra server's https base, the value for `AZURE_AUTHORITY_HOST` (or a
+    credential's `authority`); `urls["entra_cert"]` the PEM file of its self-signed certificate, written in
+    `log_dir` before the server listens, the value for `SSL_CERT_FILE` (or `connection_verify`).
+    """
     mde_port = mde_port or free_port()
     identity_port = identity_port or free_port()
+    entra_port = entra_port or free_port()
+    entra_cert = (log_dir / "emulators-entra-cert.pem").resolve()
     argv = [
         sys.executable, "-m", "emulators",
         "--host", LOOPBACK,
         "--mde-port", str(mde_port),
         "--identity-port", str(identity_port),
         "--identity-header", identity_header,
+        "--entra-port", str(entra_port),
+        "--entra-cert-file", str(entra_cert),
         *(extra_args or []),
     ]  # fmt: skip
     service = _spawn("emulators", argv, log_dir)
-    _wait_ready(service, [mde_port, identity_port], timeout)
+    _wait_ready(service, [mde_port, identity_port, entra_port], timeout)
     service.urls["mde"] = f"http://{LOOPBACK}:{mde_port}"
     service.urls["identity"] = f"http://{LOOPBACK}:{identity_port}/msi/token"
     service.urls["identity_base"] = f"http://{LOOPBACK}:{identity_port}"
     service.urls["identity_header"] = identity_header
+    service.urls["entra"] = f"https://{LOOPBACK}:{entra_port}"
+    service.urls["entra_cert"] = str(entra_cert)
     return service
 
 
@@ -237,8 +250,17 @@ def local_app_env(
     identity_url: str,
     identity_header: str,
     overrides: dict[str, str] | None = None,
+    authority_host: str | None = None,
+    ssl_cert_file: str | None = None,
 ) -> dict[str, str]:
-    """The environment the app gets locally: this process's, plus the local service addresses."""
+    """The environment the app gets locally: this process's, plus the local service addresses.
+
+    `authority_host` (the emulators' `urls["entra"]`) becomes `AZURE_AUTHORITY_HOST`, where azure-identity
+    asks for customer tenants' tokens; `ssl_cert_file` (`urls["entra_cert"]`) becomes `SSL_CERT_FILE`, so
+    the app process trusts that https server (its environment is set before it imports aiohttp). Note
+    that `SSL_CERT_FILE` replaces the default trust store of that process: fine while it talks to loopback
+    services only.
+    """
     env = dict(os.environ)
     env.update(
         {
@@ -249,6 +271,10 @@ def local_app_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if authority_host is not None:
+        env["AZURE_AUTHORITY_HOST"] = authority_host
+    if ssl_cert_file is not None:
+        env["SSL_CERT_FILE"] = ssl_cert_file
     for key, value in (overrides or {}).items():
         if not _SETTING_NAME.match(key):
             raise ValueError(f"not a setting name: {key!r}")

@@ -7,13 +7,27 @@ Azure, so this endpoint answers the exact request that credential sends when `ID
 code path instead of a patched credential (docs/contracts.md §5).
 
 Tokens are opaque random strings kept in a `TokenRegistry` that the MDE emulator shares, so a token is
-accepted there only if it was issued here, for an accepted audience, and is neither expired nor revoked.
+accepted there only if it was issued here (or by the Entra emulator), for an accepted audience, and is
+neither expired nor revoked. Every token records its tenant (`tid`): the identity endpoint's are the home
+tenant's.
+
+One resource is different: for `api://AzureADTokenExchange` (the audience a federated identity credential
+accepts) the answer is a compact JWT signed HS256 with a key only this process knows
+(`AssertionSigner`), with the claims Entra checks: `iss` = the home tenant's v2.0 issuer, `sub` = the
+identity's principal id, `aud`, `tid`, `iat`, `nbf`, `exp` (= the `expires_on` answered) and `jti`. The
+Entra emulator (entra.py) verifies it with the same signer, so only this process's identity endpoint can
+produce an assertion it accepts.
+
 Module-level helpers at the bottom (`LOG_DETAIL`, `error_body`, `read_json_object`, `bad_request`) are
-shared with mde.py.
+shared with mde.py and entra.py.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -23,15 +37,35 @@ from typing import Any
 
 from aiohttp import web
 
+from emulators import EXCHANGE_AUDIENCE, HOME_TENANT_ID, IDENTITY_PRINCIPAL_ID
+
 API_VERSION = "2019-08-01"
 TOKEN_PATH = "/msi/token"
 IDENTITY_HEADER_NAME = "X-IDENTITY-HEADER"
 # Answered as client_id when the caller asks for the system-assigned identity (no client_id parameter).
 FAKE_CLIENT_ID = "00000000-0000-4000-8000-00000000a1e7"
 DEFAULT_TOKEN_LIFETIME_SECONDS = 3600
+ASSERTION_ALGORITHM = "HS256"
+
+__all__ = [
+    "EXCHANGE_AUDIENCE",
+    "HOME_TENANT_ID",
+    "IDENTITY_PRINCIPAL_ID",
+    "AssertionSigner",
+    "IdentityEmulator",
+    "InvalidAssertion",
+    "IssuedToken",
+    "TokenRegistry",
+    "home_issuer",
+]
 
 # What each handler wants appended to its one access-log line (see __main__.py).
 LOG_DETAIL = web.RequestKey("emulator_log_detail", str)
+
+
+def home_issuer(tenant_id: str) -> str:
+    """The v2.0 issuer Entra writes in a tenant's tokens, and a federated identity credential names."""
+    return f"https://login.microsoftonline.com/{tenant_id}/v2.0"
 
 
 class TokenRejected(Exception):
@@ -40,11 +74,16 @@ class TokenRejected(Exception):
 
 @dataclass(frozen=True)
 class IssuedToken:
-    """What the registry remembers about a token: who it is for, whose it is, and until when it is valid."""
+    """What the registry remembers about a token: who it is for, whose it is, and until when it is valid.
+
+    `tenant_id` is the token's `tid`: the home tenant for the identity endpoint's tokens, the requested
+    tenant for the Entra emulator's. The MDE emulator keeps its state per tenant by it.
+    """
 
     resource: str
     client_id: str
     expires_on: int  # unix seconds: the very value sent as `expires_on`, so client and server agree
+    tenant_id: str = HOME_TENANT_ID
 
 
 class TokenRegistry:
@@ -59,13 +98,28 @@ class TokenRegistry:
         self._revoked: set[str] = set()
 
     def issue(
-        self, resource: str, client_id: str, lifetime_seconds: int, now: float
+        self,
+        resource: str,
+        client_id: str,
+        lifetime_seconds: int,
+        now: float,
+        *,
+        tenant_id: str = HOME_TENANT_ID,
     ) -> tuple[str, IssuedToken]:
         """A new opaque token valid until `now + lifetime` (rounded down to whole seconds, as sent)."""
         token = "emu-" + secrets.token_urlsafe(32)
-        issued = IssuedToken(resource=resource, client_id=client_id, expires_on=int(now + lifetime_seconds))
-        self._tokens[token] = issued
+        issued = IssuedToken(
+            resource=resource,
+            client_id=client_id,
+            expires_on=expiry(now, lifetime_seconds),
+            tenant_id=tenant_id,
+        )
+        self.register(token, issued)
         return token, issued
+
+    def register(self, token: str, issued: IssuedToken) -> None:
+        """Remember a token made elsewhere (the signed exchange assertion), so revocation covers it too."""
+        self._tokens[token] = issued
 
     def validate(self, token: str, audiences: frozenset[str], now: float) -> IssuedToken:
         """The token's record if it is usable now for one of `audiences`; otherwise TokenRejected."""
@@ -91,6 +145,89 @@ class TokenRegistry:
         return len(live)
 
 
+def expiry(now: float, lifetime_seconds: int) -> int:
+    """`expires_on` for a token issued at `now`: whole unix seconds, rounded down (so 0 s = already expired)."""
+    return int(now + lifetime_seconds)
+
+
+# --- the signed token-exchange assertion -------------------------------------------------------------
+
+
+class InvalidAssertion(Exception):
+    """A client assertion that is not a JWT (`malformed`) or whose signature this process did not make."""
+
+    def __init__(self, message: str, *, malformed: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.malformed = malformed
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    if not text or any(char not in _B64URL_CHARS for char in text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+_B64URL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A compact JWT's header and claims, signature unchecked; InvalidAssertion(malformed) if not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidAssertion("The assertion is not a JWT in compact form.", malformed=True)
+    try:
+        header = json.loads(_b64url_decode(parts[0]))
+        claims = json.loads(_b64url_decode(parts[1]))
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidAssertion(
+            "The assertion's header or payload is not base64url JSON.", malformed=True
+        ) from exc
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise InvalidAssertion("The assertion's header and payload must be JSON objects.", malformed=True)
+    return header, claims
+
+
+class AssertionSigner:
+    """This process's HS256 key for the exchange assertion: the identity endpoint signs, Entra verifies.
+
+    The key is random per process and never leaves it, so an assertion made anywhere else (another
+    emulator process, a test forging one) fails verification.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key if key is not None else secrets.token_bytes(32)
+
+    def _mac(self, signing_input: str) -> bytes:
+        return hmac.new(self._key, signing_input.encode("ascii"), hashlib.sha256).digest()
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        header = {"alg": ASSERTION_ALGORITHM, "typ": "JWT"}
+        signing_input = _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        return signing_input + "." + _b64url(self._mac(signing_input))
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of an assertion this signer made; InvalidAssertion otherwise (time is not checked)."""
+        header, claims = decode_unverified(token)
+        if header.get("alg") != ASSERTION_ALGORITHM:
+            raise InvalidAssertion(
+                f"The assertion's algorithm {header.get('alg')!r} is not {ASSERTION_ALGORITHM}.",
+                malformed=False,
+            )
+        signing_input, _, signature = token.rpartition(".")
+        try:
+            supplied = _b64url_decode(signature)
+        except (ValueError, binascii.Error):
+            supplied = b""
+        if not hmac.compare_digest(supplied, self._mac(signing_input)):
+            raise InvalidAssertion("The assertion was not signed by this identity endpoint.", malformed=False)
+        return claims
+
+
 class IdentityRequestError(Exception):
     """A token request refused the way App Service refuses it: a status and a message."""
 
@@ -103,8 +240,20 @@ class IdentityRequestError(Exception):
 class IdentityEmulator:
     """The token endpoint plus its control routes; every token request is recorded, whatever the answer."""
 
-    def __init__(self, registry: TokenRegistry, *, header_secret: str, token_lifetime_seconds: int) -> None:
+    def __init__(
+        self,
+        registry: TokenRegistry,
+        *,
+        header_secret: str,
+        token_lifetime_seconds: int,
+        home_tenant_id: str = HOME_TENANT_ID,
+        principal_id: str = IDENTITY_PRINCIPAL_ID,
+        signer: AssertionSigner | None = None,
+    ) -> None:
         self.registry = registry
+        self.home_tenant_id = home_tenant_id
+        self.principal_id = principal_id
+        self.signer = signer or AssertionSigner()
         self._header_secret = header_secret
         self._default_lifetime = token_lifetime_seconds
         self.token_lifetime_seconds = token_lifetime_seconds
@@ -133,7 +282,12 @@ class IdentityEmulator:
             record["status"] = err.status
             request[LOG_DETAIL] = f"refused: {err.message}"
             return web.json_response({"statusCode": err.status, "message": err.message}, status=err.status)
-        token, issued = self.registry.issue(resource, client_id, self.token_lifetime_seconds, now)
+        if resource == EXCHANGE_AUDIENCE:
+            token, issued = self._exchange_assertion(client_id, now)
+        else:
+            token, issued = self.registry.issue(
+                resource, client_id, self.token_lifetime_seconds, now, tenant_id=self.home_tenant_id
+            )
         record["status"] = 200
         request[LOG_DETAIL] = f"resource={resource} client_id={client_id} expires_on={issued.expires_on}"
         return web.json_response(
@@ -145,6 +299,33 @@ class IdentityEmulator:
                 "client_id": client_id,
             }
         )
+
+    def _exchange_assertion(self, client_id: str, now: float) -> tuple[str, IssuedToken]:
+        """The signed JWT a federated identity credential accepts, registered like any other token."""
+        issued = IssuedToken(
+            resource=EXCHANGE_AUDIENCE,
+            client_id=client_id,
+            expires_on=expiry(now, self.token_lifetime_seconds),
+            tenant_id=self.home_tenant_id,
+        )
+        claims = {
+            "aud": EXCHANGE_AUDIENCE,
+            "iss": home_issuer(self.home_tenant_id),
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": issued.expires_on,
+            "sub": self.principal_id,
+            "oid": self.principal_id,
+            "tid": self.home_tenant_id,
+            "appid": client_id,
+            "azp": client_id,
+            "idtyp": "app",
+            "ver": "2.0",
+            "jti": str(uuid.uuid4()),
+        }
+        token = self.signer.sign(claims)
+        self.registry.register(token, issued)
+        return token, issued
 
     def _record(self, request: web.Request, now: float) -> dict[str, Any]:
         self._seq += 1

@@ -36,6 +36,12 @@ Where MDE's behaviour is *not* documented the emulator picks one behaviour and s
 Every call is recorded (see `CallRecord`, whose `api` says which API it addressed) so tests can assert
 exactly-once delivery per channel and that the app kept under the limits
 (`emulators.control.max_calls_in_any_window`).
+
+State is per tenant, as MDE's is: the validated token's tenant (`tid`: the home tenant for the identity
+endpoint's tokens, the requested tenant for the Entra emulator's) selects that tenant's alerts and its
+own batchUpdate and PATCH budgets (the configured limits unless `/_emulator/config` with a `tenantId`
+gives that tenant its own). Calls carry `tenantId`. The control routes answer for the home tenant unless
+a `tenantId` names another, so callers that know nothing of tenants see what they always saw.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from emulators import HOME_TENANT_ID
 from emulators.identity import (
     LOG_DETAIL,
     TokenRegistry,
@@ -115,8 +122,13 @@ DEFAULT_FAULT_MESSAGES = {
     403: "Missing application roles. API required roles: Alert.ReadWrite.All",
     429: "Rate limit is exceeded. Try again later.",
 }
-FAULT_KEYS = frozenset({"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset", "api"})
+FAULT_KEYS = frozenset(
+    {"status", "code", "message", "retryAfter", "delaySeconds", "apply", "reset", "api", "tenantId"}
+)
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 FAULT_APIS = (API_BATCH_UPDATE, API_PATCH)
+# Which limits `/_emulator/config` may set for one tenant, and their API (everything else stays global).
+TENANT_CONFIG_FIELDS = {"rateLimits": API_BATCH_UPDATE, "patchRateLimits": API_PATCH}
 
 
 class ApiError(Exception):
@@ -329,6 +341,7 @@ class Fault:
 
     With `api` set ("batchUpdate" or "patch") only a call of that API takes it, so a test can aim a
     fault at one channel while the other keeps flowing; without it, the next call of either API does.
+    With `tenant_id` set only a call of that tenant takes it.
     `delay_seconds` is slept first. Then `status` answers that error; `reset` aborts the connection
     (after processing the update if `apply`); otherwise the call is processed normally (`apply`, the
     default for a pure delay) or answered 200 without touching any alert (`apply: false`).
@@ -343,9 +356,12 @@ class Fault:
     reset: bool = False
     apply: bool = True
     api: str | None = None
+    tenant_id: str | None = None
 
-    def meant_for(self, api: str) -> bool:
-        return self.api is None or self.api == api
+    def meant_for(self, api: str, tenant_id: str | None = None) -> bool:
+        return (self.api is None or self.api == api) and (
+            self.tenant_id is None or self.tenant_id == tenant_id
+        )
 
 
 def parse_fault(raw: Any) -> Fault:
@@ -372,7 +388,20 @@ def parse_fault(raw: Any) -> Fault:
         reset=_bool(raw, "reset", False),
         apply=_bool(raw, "apply", not reset),
         api=_fault_api(raw.get("api")),
+        tenant_id=_fault_tenant(raw.get("tenantId")),
     )
+
+
+def _fault_tenant(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_guid(value):
+        raise ValueError("A fault 'tenantId' must be a tenant GUID (or left out for any tenant).")
+    return value.lower()
+
+
+def is_guid(text: str) -> bool:
+    return GUID.fullmatch(text) is not None
 
 
 def _fault_api(value: Any) -> str | None:
@@ -438,7 +467,8 @@ class CallRecord:
     and benchmarks can count calls per API; `path_alert_id` is a PATCH call's alert id. `time` is
     `time.monotonic()` in this process; on Linux that is the system-wide CLOCK_MONOTONIC, so it
     compares with the test process's own monotonic clock. `status` stays None until answered (a
-    delayed call in flight) and for a call whose connection was reset (`aborted`).
+    delayed call in flight) and for a call whose connection was reset (`aborted`). `tenant_id` is the
+    valid token's tenant (None when the call was refused before its token was accepted).
     """
 
     seq: int
@@ -455,6 +485,7 @@ class CallRecord:
     path_alert_id: str | None = None
     admitted: bool = False
     client_id: str | None = None
+    tenant_id: str | None = None
     fault: dict[str, Any] | None = None
     status: int | None = None
     error_code: str | None = None
@@ -485,6 +516,7 @@ class CallRecord:
             "ignoredKeys": self.ignored_keys,
             "admitted": self.admitted,
             "clientId": self.client_id,
+            "tenantId": self.tenant_id,
             "fault": self.fault,
             "status": self.status,
             "errorCode": self.error_code,
@@ -646,15 +678,29 @@ def _now_iso() -> str:
 # --- the emulator ------------------------------------------------------------------------------------
 
 
+@dataclass
+class TenantState:
+    """One tenant's alerts and budgets: MDE's limits and alerts are per application and tenant."""
+
+    alerts: dict[str, AlertState]
+    # One limiter per API: how MDE counts the two APIs against each other is undocumented.
+    limiters: dict[str, SlidingWindowLimiter]
+
+
 class MdeEmulator:
     """State and handlers of the MDE emulator; one instance per process, used from one event loop only.
 
-    Handlers never await between a check and the state change it guards, so no locks are needed.
+    Handlers never await between a check and the state change it guards, so no locks are needed. State is
+    kept per tenant (`tenants`, created on a tenant's first admitted call); `home_tenant_id` is the tenant
+    control routes answer for when they are not told one.
     """
 
-    def __init__(self, registry: TokenRegistry, defaults: MdeConfig) -> None:
+    def __init__(
+        self, registry: TokenRegistry, defaults: MdeConfig, *, home_tenant_id: str = HOME_TENANT_ID
+    ) -> None:
         self.registry = registry
         self._defaults = defaults
+        self.home_tenant_id = home_tenant_id.lower()
         self._clear()
 
     def _clear(self) -> None:
@@ -662,13 +708,42 @@ class MdeEmulator:
         self.config = self._defaults
         self.calls: list[CallRecord] = []
         self.faults: deque[Fault] = deque()
-        self.alerts: dict[str, AlertState] = {}
-        # One limiter per API: how MDE counts the two APIs against each other is undocumented.
-        self.limiters = {
-            API_BATCH_UPDATE: SlidingWindowLimiter(self.config.rate_limits),
-            API_PATCH: SlidingWindowLimiter(self.config.patch_rate_limits),
-        }
+        self.tenants: dict[str, TenantState] = {}
+        # A tenant's own limits, by API (`API_BATCH_UPDATE`, `API_PATCH`); others follow `config`.
+        self.tenant_limits: dict[str, dict[str, tuple[RateLimit, ...]]] = {}
         self._seq = 0
+
+    @property
+    def alerts(self) -> dict[str, AlertState]:
+        """The home tenant's alerts (what the emulator kept before it knew tenants)."""
+        state = self.tenants.get(self.home_tenant_id)
+        return {} if state is None else state.alerts
+
+    def limits(self, tenant_id: str, api: str) -> tuple[RateLimit, ...]:
+        """The windows of `api` in `tenant_id`: its own if set, else the configured ones."""
+        own = self.tenant_limits.get(tenant_id, {}).get(api)
+        if own is not None:
+            return own
+        return self.config.rate_limits if api == API_BATCH_UPDATE else self.config.patch_rate_limits
+
+    def tenant(self, tenant_id: str) -> TenantState:
+        """That tenant's state, created with fresh budgets the first time it is needed."""
+        state = self.tenants.get(tenant_id)
+        if state is None:
+            apis = (API_BATCH_UPDATE, API_PATCH)
+            limiters = {api: SlidingWindowLimiter(self.limits(tenant_id, api)) for api in apis}
+            state = self.tenants[tenant_id] = TenantState(alerts={}, limiters=limiters)
+        return state
+
+    def _state_of(self, record: CallRecord) -> TenantState:
+        assert record.tenant_id is not None, "a call's tenant is known once its token is accepted"
+        return self.tenant(record.tenant_id)
+
+    def _refresh_limits(self) -> None:
+        """After a config change: every limiter gets its current limits (its log of calls stays)."""
+        for tenant_id, state in self.tenants.items():
+            for api, limiter in state.limiters.items():
+                limiter.limits = self.limits(tenant_id, api)
 
     def app(self) -> web.Application:
         """Control routes first (matched in order), then every other request goes to `handle`."""
@@ -681,6 +756,7 @@ class MdeEmulator:
         app.router.add_post("/_emulator/config", self.set_config)
         app.router.add_get("/_emulator/alerts", self.get_alerts)
         app.router.add_get("/_emulator/alerts/{alert_id}", self.get_alert)
+        app.router.add_get("/_emulator/tenants", self.get_tenants)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
@@ -696,7 +772,7 @@ class MdeEmulator:
                 raise route.error
             self._authenticate(request, record)
             self._admit(record)
-            fault = self._take_fault(record.api)
+            fault = self._take_fault(record.api, record.tenant_id)
             if fault is not None:
                 return await self._run_fault(request, record, fault)
             self._apply(validate_update(record, self.config), record)
@@ -734,19 +810,20 @@ class MdeEmulator:
         except TokenRejected as exc:
             raise _unauthorized(str(exc)) from exc
         record.client_id = issued.client_id
+        record.tenant_id = issued.tenant_id.lower()
 
     def _admit(self, record: CallRecord) -> None:
-        wait = self.limiters[record.api].try_admit(record.time)
+        wait = self._state_of(record).limiters[record.api].try_admit(record.time)
         if wait is not None:
             seconds = retry_after_header(wait)
             message = f"Rate limit is exceeded. Try again in {seconds} seconds."
             raise ApiError(429, "TooManyRequests", message, {"Retry-After": seconds})
         record.admitted = True
 
-    def _take_fault(self, api: str) -> Fault | None:
-        """Remove and return the first queued fault this API's call may take (FIFO otherwise)."""
+    def _take_fault(self, api: str, tenant_id: str | None) -> Fault | None:
+        """Remove and return the first queued fault this API's (and tenant's) call may take (FIFO otherwise)."""
         for index, fault in enumerate(self.faults):
-            if fault.meant_for(api):
+            if fault.meant_for(api, tenant_id):
                 del self.faults[index]
                 return fault
         return None
@@ -777,8 +854,9 @@ class MdeEmulator:
 
     def _apply(self, update: Update, record: CallRecord) -> None:
         created_time = _now_iso()
+        alerts = self._state_of(record).alerts
         for alert_id in update.alert_ids:
-            alert = self.alerts.setdefault(alert_id, AlertState(id=alert_id))
+            alert = alerts.setdefault(alert_id, AlertState(id=alert_id))
             alert.status = update.status or alert.status
             alert.classification = update.classification or alert.classification
             alert.determination = update.determination or alert.determination
@@ -793,7 +871,7 @@ class MdeEmulator:
         request[LOG_DETAIL] = _log_detail(record)
         if record.path_alert_id is None:
             return web.Response(status=200)
-        alert = self.alerts.get(record.path_alert_id) or AlertState(id=record.path_alert_id)
+        alert = self._state_of(record).alerts.get(record.path_alert_id) or AlertState(id=record.path_alert_id)
         return web.json_response(alert.entity())
 
     def _answer_error(self, request: web.Request, record: CallRecord, err: ApiError) -> web.Response:
@@ -821,7 +899,10 @@ class MdeEmulator:
         return web.json_response({"reset": True, "config": self.config.to_json()})
 
     async def get_calls(self, request: web.Request) -> web.Response:
-        return web.json_response({"calls": [record.to_json() for record in self.calls]})
+        """Every tenant's calls, or only those of `?tenantId=`."""
+        tenant_id = _tenant_query(request)
+        calls = [record for record in self.calls if tenant_id is None or record.tenant_id == tenant_id]
+        return web.json_response({"calls": [record.to_json() for record in calls]})
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return web.json_response({"faults": [fault.raw for fault in self.faults]})
@@ -838,25 +919,99 @@ class MdeEmulator:
         return web.json_response({"pending": len(self.faults)})
 
     async def get_config(self, request: web.Request) -> web.Response:
+        """The configuration, or with `?tenantId=` that tenant's limits."""
+        tenant_id = _tenant_query(request)
+        if tenant_id is not None:
+            return web.json_response(self._tenant_config_json(tenant_id))
         return web.json_response({"config": self.config.to_json()})
 
     async def set_config(self, request: web.Request) -> web.Response:
+        """Change the configuration; with `tenantId` in the body, that tenant's own limits only."""
+        body = await read_json_object(request)
+        if "tenantId" in body:
+            return self._set_tenant_config(body)
         try:
-            self.config = self.config.updated(await read_json_object(request))
+            self.config = self.config.updated(body)
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
-        self.limiters[API_BATCH_UPDATE].limits = self.config.rate_limits
-        self.limiters[API_PATCH].limits = self.config.patch_rate_limits
+        self._refresh_limits()
         return web.json_response({"config": self.config.to_json()})
 
+    def _set_tenant_config(self, body: dict[str, Any]) -> web.Response:
+        """`{"tenantId", "rateLimits"?, "patchRateLimits"?}`; a null limit goes back to the configured one."""
+        tenant_id = _tenant_value(body.pop("tenantId"), "tenantId")
+        unknown = sorted(set(body) - set(TENANT_CONFIG_FIELDS))
+        if unknown:
+            raise bad_request(
+                f"Only {', '.join(TENANT_CONFIG_FIELDS)} can be set per tenant; not {', '.join(unknown)}."
+            )
+        own = dict(self.tenant_limits.get(tenant_id, {}))
+        for name, value in body.items():
+            api = TENANT_CONFIG_FIELDS[name]
+            if value is None:
+                own.pop(api, None)
+                continue
+            try:
+                own[api] = _CONFIG_PARSERS[name](value)
+            except ValueError as exc:
+                raise bad_request(str(exc)) from exc
+        if own:
+            self.tenant_limits[tenant_id] = own
+        else:
+            self.tenant_limits.pop(tenant_id, None)
+        self._refresh_limits()
+        return web.json_response(self._tenant_config_json(tenant_id))
+
+    def _tenant_config_json(self, tenant_id: str) -> dict[str, Any]:
+        own = self.tenant_limits.get(tenant_id, {})
+        return {
+            "tenantId": tenant_id,
+            "config": {
+                "rateLimits": format_rate_limits(self.limits(tenant_id, API_BATCH_UPDATE)),
+                "patchRateLimits": format_rate_limits(self.limits(tenant_id, API_PATCH)),
+            },
+            "own": [name for name, api in TENANT_CONFIG_FIELDS.items() if api in own],
+        }
+
     async def get_alerts(self, request: web.Request) -> web.Response:
-        return web.json_response({"alerts": {key: alert.to_json() for key, alert in self.alerts.items()}})
+        """The home tenant's alerts, or `?tenantId=`'s."""
+        state = self.tenants.get(_tenant_query(request) or self.home_tenant_id)
+        alerts = {} if state is None else state.alerts
+        return web.json_response({"alerts": {key: alert.to_json() for key, alert in alerts.items()}})
 
     async def get_alert(self, request: web.Request) -> web.Response:
-        alert = self.alerts.get(request.match_info["alert_id"])
+        state = self.tenants.get(_tenant_query(request) or self.home_tenant_id)
+        alert = None if state is None else state.alerts.get(request.match_info["alert_id"])
         if alert is None:
             return web.json_response(error_body("NotFound", "This alert was never updated."), status=404)
         return web.json_response(alert.to_json())
+
+    async def get_tenants(self, request: web.Request) -> web.Response:
+        """Every tenant seen or configured: its limits, how many calls it made and alerts it changed."""
+        known = sorted(set(self.tenants) | set(self.tenant_limits) | {self.home_tenant_id})
+        tenants: dict[str, Any] = {}
+        for tenant_id in known:
+            state = self.tenants.get(tenant_id)
+            view = self._tenant_config_json(tenant_id)
+            tenants[tenant_id] = {
+                **view["config"],
+                "own": view["own"],
+                "calls": sum(record.tenant_id == tenant_id for record in self.calls),
+                "alerts": 0 if state is None else len(state.alerts),
+            }
+        return web.json_response({"homeTenantId": self.home_tenant_id, "tenants": tenants})
+
+
+def _tenant_value(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not is_guid(value):
+        raise bad_request(f"{name} must be a tenant GUID.")
+    return value.lower()
+
+
+def _tenant_query(request: web.Request) -> str | None:
+    """The `tenantId` query parameter (a GUID, lower-cased), or None when there is none."""
+    value = request.query.get("tenantId")
+    return None if value is None else _tenant_value(value, "tenantId")
 
 
 def _unauthorized(message: str) -> ApiError:

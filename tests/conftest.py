@@ -94,6 +94,8 @@ class HostPool:
             identity_url=self._emulators.urls["identity"],
             identity_header=self._emulators.urls["identity_header"],
             overrides={**isolated, **overrides},
+            authority_host=self._emulators.urls.get("entra"),
+            ssl_cert_file=self._emulators.urls.get("entra_cert"),
         )
 
     def get(self, **overrides: str) -> Service:

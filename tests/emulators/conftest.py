@@ -1,13 +1,15 @@
 """Fixtures for the emulator tests: a reset control client, an HTTP session, a token, an MDE caller.
 
 The emulator process is the session-wide `emulators` fixture from tests/conftest.py, shared with every
-other test module, so `ctl` resets it before each test (state, faults, windows, config, token requests).
+other test module, so `ctl` resets it before each test (state, faults, windows, config, token requests,
+and the Entra emulator's requests and config).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,11 +21,17 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from devhost.services import Service
+from emulators import APP_CLIENT_ID, EXCHANGE_AUDIENCE
 from emulators.control import EmulatorControl
 
 MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
 MDE_SCOPE = f"{MDE_RESOURCE}/.default"
+EXCHANGE_SCOPE = f"{EXCHANGE_AUDIENCE}/.default"
 BATCH_UPDATE = "/api/alerts/batchUpdate"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# Two customer tenants (any GUID tenant has consented the emulator's application unless told otherwise).
+TENANT_A = "aaaaaaaa-0000-4000-8000-00000000000a"
+TENANT_B = "bbbbbbbb-0000-4000-8000-00000000000b"
 
 # Microsoft's documented example body (docs/mde-api.md §1).
 DOCUMENTED_EXAMPLE: dict[str, Any] = {
@@ -65,6 +73,46 @@ async def fetch_token(
     async with session.get(service.urls["identity"], params=params, headers=headers) as response:
         assert response.status == 200, await response.text()
         return str((await response.json())["access_token"])
+
+
+def entra_ssl(service: Service) -> ssl.SSLContext:
+    """A client TLS context that trusts the Entra emulator's self-signed certificate (and nothing else)."""
+    return ssl.create_default_context(cafile=service.urls["entra_cert"])
+
+
+async def post_entra_token(
+    session: aiohttp.ClientSession,
+    service: Service,
+    tenant: str,
+    form: dict[str, str],
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """POST a form to the Entra emulator's token endpoint for `tenant`: (status, JSON body)."""
+    url = f"{service.urls['entra']}/{tenant}/oauth2/v2.0/token"
+    async with session.post(url, data=form, headers=headers, ssl=entra_ssl(service)) as response:
+        return response.status, await response.json()
+
+
+def assertion_form(
+    assertion: str, *, scope: str = MDE_SCOPE, client_id: str = APP_CLIENT_ID
+) -> dict[str, str]:
+    """The form azure-identity's ClientAssertionCredential sends."""
+    return {
+        "client_assertion": assertion,
+        "client_assertion_type": JWT_BEARER,
+        "client_id": client_id,
+        "grant_type": "client_credentials",
+        "scope": scope,
+    }
+
+
+async def fetch_tenant_token(session: aiohttp.ClientSession, service: Service, tenant: str) -> str:
+    """A token of `tenant` for MDE, by the federated-credential exchange over plain HTTP (the azure-identity
+    path is tested in test_entra_emulator.py)."""
+    assertion = await fetch_token(session, service, resource=EXCHANGE_AUDIENCE)
+    status, body = await post_entra_token(session, service, tenant, assertion_form(assertion))
+    assert status == 200, body
+    return str(body["access_token"])
 
 
 class MdeApi:
@@ -121,7 +169,12 @@ class MdeApi:
 
 @pytest.fixture
 async def ctl(emulators: Service) -> AsyncIterator[EmulatorControl]:
-    async with EmulatorControl(emulators.urls["mde"], emulators.urls["identity_base"]) as control:
+    async with EmulatorControl(
+        emulators.urls["mde"],
+        emulators.urls["identity_base"],
+        emulators.urls["entra"],
+        entra_cert_file=emulators.urls["entra_cert"],
+    ) as control:
         await control.reset()
         yield control
 

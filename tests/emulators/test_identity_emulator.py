@@ -7,8 +7,11 @@ against App Service, and the MDE emulator accepts the tokens it gets.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -16,8 +19,16 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity.aio import ManagedIdentityCredential
 
 from devhost.services import Service
+from emulators import EXCHANGE_AUDIENCE, HOME_TENANT_ID, IDENTITY_PRINCIPAL_ID
 from emulators.control import EmulatorControl
-from tests.emulators.conftest import DOCUMENTED_EXAMPLE, MDE_RESOURCE, MDE_SCOPE, MdeApi, fetch_token
+from tests.emulators.conftest import (
+    DOCUMENTED_EXAMPLE,
+    EXCHANGE_SCOPE,
+    MDE_RESOURCE,
+    MDE_SCOPE,
+    MdeApi,
+    fetch_token,
+)
 
 USER_ASSIGNED_CLIENT_ID = "11111111-2222-4333-8444-555555555555"
 
@@ -184,3 +195,64 @@ async def test_after_a_revocation_claims_make_the_credential_fetch_a_fresh_token
     api.token = fresh.token
     assert (await api.update({"alertIds": ["a1"]})).status == 200
     assert len(await ctl.token_requests()) == 2
+
+
+def _b64url_json(part: str) -> dict[str, Any]:
+    return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
+
+
+def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    header, payload, _signature = token.split(".")
+    return _b64url_json(header), _b64url_json(payload)
+
+
+async def test_real_credential_gets_the_signed_exchange_assertion(
+    ctl: EmulatorControl,
+    credential: ManagedIdentityCredential,
+    http: aiohttp.ClientSession,
+    emulators: Service,
+) -> None:
+    before = int(time.time())
+    token = await credential.get_token(EXCHANGE_SCOPE)
+
+    header, claims = jwt_parts(token.token)
+    assert header == {"alg": "HS256", "typ": "JWT"}
+    assert claims["iss"] == f"https://login.microsoftonline.com/{HOME_TENANT_ID}/v2.0"
+    assert (claims["sub"], claims["aud"], claims["tid"]) == (
+        IDENTITY_PRINCIPAL_ID,
+        EXCHANGE_AUDIENCE,
+        HOME_TENANT_ID,
+    )
+    assert claims["exp"] == token.expires_on  # the very expires_on the endpoint answered
+    assert before <= claims["nbf"] == claims["iat"] <= time.time()
+    assert claims["jti"]
+    [request] = await ctl.token_requests()
+    assert (request["resource"], request["status"]) == (EXCHANGE_AUDIENCE, 200)
+
+    # It is an assertion for Entra, not a token MDE accepts.
+    answer = await MdeApi(http, emulators.urls["mde"], token.token).update({"alertIds": ["a1"]})
+    assert answer.status == 401
+    assert EXCHANGE_AUDIENCE in answer.error()["message"]
+
+
+async def test_exchange_assertion_of_a_user_assigned_identity_names_its_client_id(
+    ctl: EmulatorControl, identity_env: Service
+) -> None:
+    async with ManagedIdentityCredential(client_id=USER_ASSIGNED_CLIENT_ID) as cred:
+        token = await cred.get_token(EXCHANGE_SCOPE)
+
+    _header, claims = jwt_parts(token.token)
+    assert (claims["appid"], claims["sub"]) == (USER_ASSIGNED_CLIENT_ID, IDENTITY_PRINCIPAL_ID)
+
+
+async def test_identity_tokens_belong_to_the_home_tenant(
+    ctl: EmulatorControl,
+    credential: ManagedIdentityCredential,
+    http: aiohttp.ClientSession,
+    emulators: Service,
+) -> None:
+    token = await credential.get_token(MDE_SCOPE)
+
+    assert (await MdeApi(http, emulators.urls["mde"], token.token).update({"alertIds": ["a1"]})).status == 200
+    [call] = await ctl.calls(tenant_id=HOME_TENANT_ID)
+    assert call["tenantId"] == HOME_TENANT_ID

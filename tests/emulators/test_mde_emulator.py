@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,18 @@ import aiohttp
 import pytest
 
 from devhost.services import Service, start_emulators
+from emulators import APP_CLIENT_ID, HOME_TENANT_ID, IDENTITY_PRINCIPAL_ID
 from emulators.__main__ import build_parser
 from emulators.control import EmulatorControl, EmulatorControlError, max_calls_in_any_window
 from emulators.mde import RateLimit, SlidingWindowLimiter, parse_rate_limits, retry_after_header
 from tests.emulators.conftest import (
     DOCUMENTED_EXAMPLE,
     MDE_RESOURCE,
+    TENANT_A,
+    TENANT_B,
     Answer,
     MdeApi,
+    fetch_tenant_token,
     fetch_token,
     wait_until,
 )
@@ -840,6 +844,133 @@ async def test_reset_restores_command_line_config(ctl: EmulatorControl, mde: Mde
     assert await ctl.alerts() == {}
 
 
+# --- tenants -----------------------------------------------------------------------------------------
+
+
+async def test_calls_carry_the_token_tenant(
+    mde: MdeApi, ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    tenant_a = MdeApi(http, emulators.urls["mde"], await fetch_tenant_token(http, emulators, TENANT_A))
+
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200  # the identity's token: home tenant
+    assert (await tenant_a.patch(ID_B, {"status": "Resolved"})).status == 200
+    assert (await mde.update({"alertIds": [ID_A]}, headers={})).status == 401
+
+    calls = await ctl.calls()
+    assert [(c["tenantId"], c["clientId"]) for c in calls] == [
+        (HOME_TENANT_ID, "00000000-0000-4000-8000-00000000a1e7"),
+        (TENANT_A, APP_CLIENT_ID),
+        (None, None),  # refused before its token was accepted: no tenant
+    ]
+    assert [c["api"] for c in await ctl.calls(tenant_id=TENANT_A.upper())] == ["patch"]
+    assert list(await ctl.alerts()) == [ID_A]  # the home tenant's, as before tenants existed
+    assert list(await ctl.alerts(tenant_id=TENANT_A)) == [ID_B]
+    tenants = await ctl.tenants()
+    assert tenants["homeTenantId"] == HOME_TENANT_ID
+    assert {tid: (t["calls"], t["alerts"]) for tid, t in tenants["tenants"].items()} == {
+        HOME_TENANT_ID: (1, 1),
+        TENANT_A: (1, 1),
+    }
+
+
+async def test_fault_with_tenant_is_taken_only_by_that_tenant(
+    mde: MdeApi, ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    tenant_b = MdeApi(http, emulators.urls["mde"], await fetch_tenant_token(http, emulators, TENANT_B))
+    await ctl.add_faults([{"status": 503, "tenantId": TENANT_B}])
+
+    assert (await mde.update({"alertIds": [ID_A]})).status == 200  # the home tenant's call passes it by
+    assert (await tenant_b.update({"alertIds": [ID_A]})).status == 503
+    assert await ctl.pending_faults() == []
+    assert await ctl.alert(ID_A, tenant_id=TENANT_B) is None
+
+
+async def test_reset_forgets_tenants_and_their_limits(
+    ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    await ctl.configure(tenant_id=TENANT_A, rate_limits="1/60", patch_rate_limits="1/60")
+    tenant_a = MdeApi(http, emulators.urls["mde"], await fetch_tenant_token(http, emulators, TENANT_A))
+    assert [(await tenant_a.update({"alertIds": [ID_A]})).status for _ in range(2)] == [200, 429]
+
+    await ctl.reset()
+
+    assert (await ctl.tenants())["tenants"] == {
+        HOME_TENANT_ID: {
+            "rateLimits": "10/60,500/3600",
+            "patchRateLimits": "100/60,1500/3600",
+            "own": [],
+            "calls": 0,
+            "alerts": 0,
+        }
+    }
+    assert await ctl.alerts(tenant_id=TENANT_A) == {}
+    assert (await tenant_a.update({"alertIds": [ID_A]})).status == 200  # a fresh budget
+
+
+async def test_changing_the_configured_limits_reaches_every_tenant_without_its_own(
+    ctl: EmulatorControl, http: aiohttp.ClientSession, emulators: Service
+) -> None:
+    await ctl.configure(tenant_id=TENANT_B, rate_limits="5/60")
+    tenant_a = MdeApi(http, emulators.urls["mde"], await fetch_tenant_token(http, emulators, TENANT_A))
+    tenant_b = MdeApi(http, emulators.urls["mde"], await fetch_tenant_token(http, emulators, TENANT_B))
+    assert (await tenant_a.update({"alertIds": [ID_A]})).status == 200
+    assert (await tenant_b.update({"alertIds": [ID_A]})).status == 200
+
+    await ctl.configure(rate_limits="1/60")  # A's existing budget follows, B keeps its own
+
+    assert (await tenant_a.update({"alertIds": [ID_A]})).status == 429
+    assert (await tenant_b.update({"alertIds": [ID_A]})).status == 200
+    assert (await ctl.configure(tenant_id=TENANT_B))["rateLimits"] == "5/60"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tenant_id": "not-a-guid", "rate_limits": "1/60"},
+        {"tenant_id": TENANT_A, "max_batch": 2},
+        {"tenant_id": TENANT_A, "rate_limits": "1"},
+        {"tenant_id": TENANT_A, "patch_rate_limits": 5},
+    ],
+    ids=["bad-tenant", "global-field", "bad-limits", "limits-not-text"],
+)
+async def test_bad_tenant_config_is_refused_and_changes_nothing(
+    ctl: EmulatorControl, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(EmulatorControlError, match="400"):
+        await ctl.configure(**fields)
+    assert (await ctl.configure(tenant_id=TENANT_A))["rateLimits"] == "10/60,500/3600"
+    assert (await ctl.configure())["maxBatch"] == 500
+
+
+async def test_tenant_names_in_control_requests_are_checked(ctl: EmulatorControl) -> None:
+    requests: list[Callable[[], Awaitable[Any]]] = [
+        lambda: ctl.alerts(tenant_id="x"),
+        lambda: ctl.alert(ID_A, tenant_id="x"),
+        lambda: ctl.calls(tenant_id="x"),
+        lambda: ctl.add_faults([{"status": 503, "tenantId": "x"}]),
+    ]
+    for request in requests:
+        with pytest.raises(EmulatorControlError, match="400"):
+            await request()
+    assert await ctl.pending_faults() == []
+
+
+def test_identity_options_must_be_guids() -> None:
+    required = ["--mde-port", "0", "--identity-port", "0", "--identity-header", "h"]
+    parser = build_parser()
+    args = parser.parse_args(required)
+    assert (args.home_tenant_id, args.identity_principal_id, args.app_client_id) == (
+        HOME_TENANT_ID,
+        IDENTITY_PRINCIPAL_ID,
+        APP_CLIENT_ID,
+    )
+    assert (args.entra_port, args.entra_cert_file) == (0, None)
+    assert parser.parse_args([*required, "--home-tenant-id", TENANT_A.upper()]).home_tenant_id == TENANT_A
+    for option in ("--home-tenant-id", "--identity-principal-id", "--app-client-id"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, option, "contoso"])
+
+
 # --- pure helpers ------------------------------------------------------------------------------------
 
 
@@ -943,6 +1074,10 @@ async def test_command_line_options_revoke_all_and_clean_exit(
 
     assert await asyncio.to_thread(service.stop) == 0
     log = service.log_path.read_text().splitlines()
-    assert log[0] == f"EMULATORS READY mde={service.urls['mde']} identity={service.urls['identity']}"
+    # The fields older parsers read come first, unchanged; the Entra server's are appended.
+    assert log[0] == (
+        f"EMULATORS READY mde={service.urls['mde']} identity={service.urls['identity']} "
+        f"entra={service.urls['entra']} entra_cert={service.urls['entra_cert']}"
+    )
     assert sum(" mde POST /api/alerts/batchUpdate " in line for line in log) == 5
     assert sum(f" mde PATCH /api/alerts/{ID_B} " in line for line in log) == 2
