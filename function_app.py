@@ -45,6 +45,16 @@ async def sentinel_incident(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.sentinel_incident, _request(req)))
 
 
+@app.route(route="tenants/{tenant}/alerts/batchUpdate", methods=["POST"])
+async def tenant_batch_update(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(await api.guarded(api.batch_update, _request(req)))
+
+
+@app.route(route="tenants/{tenant}/sentinel/incidents", methods=["POST"])
+async def tenant_sentinel_incident(req: func.HttpRequest) -> func.HttpResponse:
+    return _response(await api.guarded(api.sentinel_incident, _request(req)))
+
+
 @app.route(route="operations/{operationId}", methods=["GET"])
 async def get_operation(req: func.HttpRequest) -> func.HttpResponse:
     return _response(await api.guarded(api.get_operation, _request(req)))

@@ -10,17 +10,24 @@ unreachable is a 503 with Retry-After, since it passes and the caller should sim
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from shared.errors import FieldError, RequestRejected, StateContention, StorageUnavailable
 from shared.http import ApiRequest, ApiResponse, json_response, problem, rejected
 from shared.outcomes import Accepted, IncidentOutcome, InProgress, KeyReused, NothingToDo, Refused, Replayed
 from shared.tenants import HOME, TenantServices
+
+if TYPE_CHECKING:
+    from shared.ledger import Operation
+    from shared.runtime import Runtime
+    from shared.settings import Settings
+    from shared.tenant_access import Caller
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +131,29 @@ def render(outcome: IncidentOutcome) -> ApiResponse:
     return json_response(200, outcome.document)
 
 
-def tenant_of(request: ApiRequest) -> str:
-    """The tenant a request acts on, decided here at the edge before any service is touched. Only the
-    home tenant exists for now (docs/contracts.md §8 plans per-tenant routes)."""
-    return HOME
+def tenant_of(request: ApiRequest, settings: Settings | None = None) -> str:
+    """The tenant a request acts on, decided here at the edge before any service is touched: the route's
+    `{tenant}` (the plain routes: home). A 404 problem for a tenant this deployment does not serve, a 403
+    when the caller may not act on it (shared.tenant_access)."""
+    from shared.tenant_access import check_access, tenant_named
+
+    if settings is None:
+        from shared import runtime
+
+        settings = runtime.settings()
+    tenant = tenant_named(request.route_params.get("tenant"), settings.defender_tenants)
+    check_access(tenant, access_of(request, settings), settings.require_tenant_roles)
+    return tenant
+
+
+def access_of(request: ApiRequest, settings: Settings) -> Caller:
+    from shared.tenant_access import caller_from_headers
+
+    return caller_from_headers(
+        request.header("X-MS-CLIENT-PRINCIPAL"),
+        request.header("X-MS-CLIENT-PRINCIPAL-ID") or request.header("X-MS-CLIENT-PRINCIPAL-NAME"),
+        settings.app_service_auth_enabled,
+    )
 
 
 def caller_of(request: ApiRequest, auth_enabled: bool | None = None) -> dict[str, Any]:
@@ -186,6 +212,7 @@ async def batch_update(request: ApiRequest) -> ApiResponse:
     )
 
     settings = runtime.settings()
+    tenant = tenant_of(request, settings)
     key = validate_idempotency_key(request.header("Idempotency-Key"))
     document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
     rules = ValidationRules(settings.alert_id_pattern, settings.max_alerts_per_request)
@@ -201,7 +228,7 @@ async def batch_update(request: ApiRequest) -> ApiResponse:
         explicit_key=key,
         respond_async=wants_async(request),
     )
-    return render(await rt.tenant(tenant_of(request)).intake.submit(submission))
+    return render(await rt.tenant(tenant).intake.submit(submission))
 
 
 # --- GET /api/operations/{operationId} ---------------------------------------------------------------
@@ -213,9 +240,12 @@ async def get_operation(request: ApiRequest) -> ApiResponse:
 
     operation_id = request.route_params.get("operationId", "")
     rt = await runtime.ready()
-    ledger = rt.tenant(tenant_of(request)).ledger
-    operation = await ledger.operation(operation_id) if is_operation_id(operation_id) else None
-    if operation is None:
+    found = (
+        await _find_operation(rt, operation_id, access_of(request, rt.settings))
+        if is_operation_id(operation_id)
+        else None
+    )
+    if found is None:
         return problem(
             404,
             "operation-not-found",
@@ -223,14 +253,29 @@ async def get_operation(request: ApiRequest) -> ApiResponse:
             f"There is no operation {operation_id!r} (operations are kept for "
             f"{rt.settings.idempotency_ttl_seconds:g} seconds).",
         )
+    tenant, operation = found
+    ledger = rt.tenant(tenant).ledger
     chunks = await ledger.chunks_of(operation)
     state = status_of(operation, chunks)
-    document = resource(operation, chunks)
+    document = {**resource(operation, chunks), "tenant": tenant}
     if state.terminal:
         return json_response(state.http_status, document)
     base, query = operations_url(request)
     headers = {"Location": f"{base}{operation_id}{query}", "Retry-After": str(retry_after_seconds(chunks))}
     return json_response(202, document, headers)
+
+
+async def _find_operation(rt: Runtime, operation_id: str, caller: Caller) -> tuple[str, Operation] | None:
+    """The operation and its tenant, looked up in every tenant the caller may act on at once (one round
+    trip); one the caller may not act on is not found, so its existence is not given away either."""
+    from shared.tenant_access import may_act_on
+
+    names = [n for n in rt.tenants if may_act_on(n, caller, rt.settings.require_tenant_roles)]
+    found = await asyncio.gather(*(rt.tenant(n).ledger.operation(operation_id) for n in names))
+    for name, operation in zip(names, found, strict=True):
+        if operation is not None:
+            return name, operation
+    return None
 
 
 # --- GET /api/health -----------------------------------------------------------------------------------
@@ -244,12 +289,16 @@ async def health(request: ApiRequest) -> ApiResponse:
     probes = {
         "storage": _storage_check(rt),
         "token": _token_check(rt),
-        "budget": _budget(rt),
+        "budget": _budget(rt.home),
         "queues": _queues(rt),
     }
-    results = await asyncio.gather(*(_probe(p) for p in probes.values()))
+    customers = [n for n in rt.tenants if n != HOME]
+    results, tenants = await asyncio.gather(
+        asyncio.gather(*(_probe(p) for p in probes.values())),
+        asyncio.gather(*(_tenant_health(rt, name) for name in customers)),
+    )
     checks = dict(zip(probes, results, strict=True))
-    healthy = all(c["ok"] for c in checks.values())
+    healthy = all(c["ok"] for c in checks.values())  # customer tenants report, but never make it 503
     document = {
         "status": "Healthy" if healthy else "Unhealthy",
         "checks": checks,
@@ -258,8 +307,28 @@ async def health(request: ApiRequest) -> ApiResponse:
             "maxAlertsPerCall": rt.home.batch_update.batch_limit.current,
             "patchMaxAlerts": rt.settings.patch_max_alerts if rt.home.patch else 0,
         },
+        "tenants": dict(zip(customers, tenants, strict=True)),
     }
     return json_response(200 if healthy else 503, document)
+
+
+async def _tenant_health(rt: Any, name: str) -> dict[str, Any]:
+    """A customer tenant's token check and budgets; its failure is shown here, never as a 503."""
+    services = rt.tenant(name)
+    profile = rt.settings.defender_tenants[name]
+
+    async def token() -> dict[str, Any]:
+        await services.tokens.token()
+        return {"ok": True, "scope": profile.token_scope}
+
+    checks = await asyncio.gather(_probe(token()), _probe(_budget(services)))
+    return {
+        "tenantId": profile.tenant_id,
+        "ok": all(c["ok"] for c in checks),
+        "batchUpdateUrl": profile.batch_update_url,
+        "maxAlertsPerCall": services.batch_update.batch_limit.current,
+        "checks": {"token": checks[0], "budget": checks[1]},
+    }
 
 
 async def _probe(check: Awaitable[dict[str, Any]]) -> dict[str, Any]:
@@ -282,10 +351,10 @@ async def _token_check(rt: Any) -> dict[str, Any]:
     return {"ok": True, "scope": rt.settings.defender_token_scope}
 
 
-async def _budget(rt: Any) -> dict[str, Any]:
+async def _budget(tenant: TenantServices) -> dict[str, Any]:
     """Each channel's budget (docs/contracts.md §7); batchUpdate's also at the top, as before PATCH came."""
-    batch = await _channel_budget(rt.home.batch_update.limiter)
-    patch = rt.home.patch
+    batch = await _channel_budget(tenant.batch_update.limiter)
+    patch = tenant.patch
     channels = {
         "batchUpdate": {"enabled": True, **batch},
         "patch": {"enabled": True, **await _channel_budget(patch.limiter)} if patch else {"enabled": False},
@@ -314,11 +383,37 @@ async def sentinel_incident(request: ApiRequest) -> ApiResponse:
     from shared.validation import parse_json_body
 
     settings = runtime.settings()
+    named = request.route_params.get("tenant")
+    if named is not None:
+        tenant_of(request, settings)  # an unknown tenant or a caller without access: before reading the body
     document = parse_json_body(request.body, request.header("Content-Type"), settings.max_body_bytes)
+    tenant = named if named is not None else workspace_tenant(document, settings)
+    tenant = tenant_of(_with_tenant(request, tenant), settings)
     base, query = operations_url(request)
     return render(
-        await submit_incident(document, caller_of(request), base, query, respond_async=wants_async(request))
+        await submit_incident(
+            document, caller_of(request), base, query, respond_async=wants_async(request), tenant=tenant
+        )
     )
+
+
+def workspace_tenant(document: Any, settings: Settings) -> str:
+    """The tenant whose `sentinelWorkspaceIds` holds an incident's `workspaceId` (the automation rule's
+    body carries it at the top); the home tenant for any other workspace, or none."""
+    if not isinstance(document, dict):
+        return HOME
+    workspace = next((v for k, v in document.items() if k.lower() == "workspaceid"), None)
+    if not isinstance(workspace, str):
+        return HOME
+    workspace = workspace.strip().lower()
+    for name, profile in settings.defender_tenants.items():
+        if workspace in profile.sentinel_workspace_ids:
+            return name
+    return HOME
+
+
+def _with_tenant(request: ApiRequest, tenant: str) -> ApiRequest:
+    return dataclasses.replace(request, route_params={**request.route_params, "tenant": tenant})
 
 
 async def submit_incident(
@@ -328,6 +423,7 @@ async def submit_incident(
     location_query: str = "",
     *,
     respond_async: bool = False,
+    tenant: str = HOME,
 ) -> IncidentOutcome:
     """One Sentinel incident → one batchUpdate for its MDE alerts, with a key derived from the incident."""
     from shared import runtime
@@ -391,5 +487,5 @@ async def submit_incident(
         respond_async=respond_async,
         extra=about,
     )
-    tenant: TenantServices = rt.tenant(HOME)
-    return await tenant.intake.submit(submission)
+    services: TenantServices = rt.tenant(tenant)
+    return await services.intake.submit(submission)

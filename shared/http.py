@@ -90,7 +90,13 @@ def problem(
     )
 
 
-_KIND_BY_STATUS = {400: "invalid-request", 413: "body-too-large", 415: "unsupported-media-type"}
+_KIND_BY_STATUS = {
+    400: "invalid-request",
+    403: "tenant-forbidden",
+    404: "unknown-tenant",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+}
 
 
 def rejected(exc: RequestRejected) -> ApiResponse:

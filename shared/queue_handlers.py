@@ -47,7 +47,7 @@ def _pop_key(document: dict[str, Any]) -> Any:
 async def handle_request_message(message_id: str, body: bytes, dequeue_count: int) -> str:
     """One inbound message → an accepted operation, a replay, a re-enqueue, or a Failed record."""
     from shared import runtime
-    from shared.api import submit_incident
+    from shared.api import submit_incident, workspace_tenant
     from shared.intake import Submission
     from shared.validation import (
         ValidationRules,
@@ -61,9 +61,13 @@ async def handle_request_message(message_id: str, body: bytes, dequeue_count: in
     caller = {"authentication": "queue", "queue": settings.requests_queue, "messageId": message_id}
     try:
         document = parse_json_body(body, "application/json", settings.max_body_bytes)
+        named = _pop_tenant(document, rt.tenants)
         incident = _sentinel_incident(document)
         if incident is not None:
-            answer = await submit_incident(incident, caller, OPERATIONS_PATH, respond_async=True)
+            tenant = named or workspace_tenant(incident, settings)
+            answer = await submit_incident(
+                incident, caller, OPERATIONS_PATH, respond_async=True, tenant=tenant
+            )
             return await _after_submit(message_id, body, caller, answer)
         raw_key = _pop_key(document) if isinstance(document, dict) else None
         if raw_key is not None and not isinstance(raw_key, str):
@@ -86,8 +90,32 @@ async def handle_request_message(message_id: str, body: bytes, dequeue_count: in
         explicit_key=key,
         respond_async=True,
     )
-    outcome = await rt.tenant(HOME).intake.submit(submission)
+    outcome = await rt.tenant(named or HOME).intake.submit(submission)
     return await _after_submit(message_id, body, caller, outcome)
+
+
+def _pop_tenant(document: Any, served: dict[str, Any]) -> str | None:
+    """A message's top-level `tenant` (docs/contracts.md §8), taken out of the body; None when absent.
+    One this deployment does not serve refuses the message: it becomes a Failed operation in the home
+    tenant, naming the tenant."""
+    if not isinstance(document, dict):
+        return None
+    name = next((k for k in document if k.lower() == "tenant"), None)
+    if name is None:
+        return None
+    value = document.pop(name)
+    if not isinstance(value, str):
+        raise RequestRejected(
+            400, "Invalid tenant", "tenant must be a string.", [FieldError("tenant", "must be a string")]
+        )
+    if value != HOME and value not in served:
+        raise RequestRejected(
+            404,
+            "Unknown tenant",
+            f"This deployment serves no tenant named {value!r}; nothing was sent.",
+            [FieldError("tenant", f"{value!r} is not a tenant this deployment serves")],
+        )
+    return value
 
 
 def _sentinel_incident(document: Any) -> Any:
@@ -166,10 +194,18 @@ async def handle_chunk_message(body: bytes) -> str:
     try:
         message = json.loads(body)
         chunk_id, token = str(message["chunk"]), str(message["token"])
-    except (ValueError, KeyError, TypeError):
+        tenant = str(message.get("tenant") or HOME)
+    except (ValueError, KeyError, TypeError, AttributeError):
         log.error("chunks queue: dropped a message that is not a chunk reference: %r", body[:200])
         return "malformed"
-    worker: Worker = rt.tenant(HOME).worker
+    if tenant not in rt.tenants:
+        # Its tenant was taken out of DEFENDER_TENANTS: the chunk stays pending in that tenant's ledger
+        # partition, and is sent again by the sweep if the tenant comes back.
+        log.error(
+            "chunks queue: chunk %s is of tenant %r, which this deployment no longer serves", chunk_id, tenant
+        )
+        return "unknown-tenant"
+    worker: Worker = rt.tenant(tenant).worker
     return await worker.on_message(chunk_id, token)
 
 
@@ -178,11 +214,20 @@ async def handle_chunk_poison(body: bytes) -> str:
 
     rt = await runtime.ready()
     try:
-        chunk_id = str(json.loads(body)["chunk"])
-    except (ValueError, KeyError, TypeError):
+        message = json.loads(body)
+        chunk_id = str(message["chunk"])
+        tenant = str(message.get("tenant") or HOME)
+    except (ValueError, KeyError, TypeError, AttributeError):
         log.error("chunks poison queue: dropped a message that is not a chunk reference: %r", body[:200])
         return "malformed"
-    return "failed" if await rt.tenant(HOME).worker.on_poison(chunk_id) else "already-finished"
+    if tenant not in rt.tenants:
+        log.error(
+            "chunks poison queue: chunk %s is of tenant %r, which this deployment no longer serves",
+            chunk_id,
+            tenant,
+        )
+        return "unknown-tenant"
+    return "failed" if await rt.tenant(tenant).worker.on_poison(chunk_id) else "already-finished"
 
 
 async def handle_request_poison(message_id: str, body: bytes) -> str:

@@ -44,10 +44,22 @@ def queue_client(storage: StorageSettings, credential: AsyncTokenCredential | No
 class Queues:
     """The queues alertgate writes to, created once per process."""
 
-    def __init__(self, chunks: QueueClient, requests: QueueClient, chunks_poison: QueueClient) -> None:
+    def __init__(
+        self,
+        chunks: QueueClient,
+        requests: QueueClient,
+        chunks_poison: QueueClient,
+        tenant: str | None = None,
+    ) -> None:
         self.chunks = chunks
         self.requests = requests
         self.chunks_poison = chunks_poison
+        self.tenant = tenant  # named in the chunk messages sent through this view; None: the home tenant
+
+    def for_tenant(self, name: str | None) -> Queues:
+        """The same queues, sending chunk messages that name a customer tenant (None: the home tenant,
+        whose messages keep the form they had before tenants existed)."""
+        return Queues(self.chunks, self.requests, self.chunks_poison, tenant=name)
 
     def all(self) -> list[QueueClient]:
         return [self.chunks, self.requests, self.chunks_poison]
@@ -62,7 +74,10 @@ class Queues:
         await asyncio.gather(*(create(q) for q in self.all()))
 
     async def send_chunk(self, chunk_id: str, token: str, delay: float) -> None:
-        body = json.dumps({"chunk": chunk_id, "token": token})
+        message = {"chunk": chunk_id, "token": token}
+        if self.tenant is not None:
+            message["tenant"] = self.tenant
+        body = json.dumps(message)
         await _send(self.chunks, body, delay)
 
     async def resend_request(self, content: str, delay: float) -> None:

@@ -327,6 +327,10 @@ class RateLimiter:
         self._lock = asyncio.Lock()
         self.table_operations = 0
 
+    @property
+    def windows(self) -> tuple[RateWindow, ...]:
+        return self._windows
+
     # -- public API ---------------------------------------------------------------------------------
 
     async def acquire(self, max_wait: float = 0.0) -> Grant | Denial:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from shared.sentinel import SentinelMapping
     from shared.storage import Tables
     from shared.tenants import TenantServices
+    from shared.tokens import TokenProvider
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Runtime:
     queues: Queues
     storage_credential: AsyncTokenCredential | None
     tenants: dict[str, TenantServices]
+    # The managed identity's token for the token exchange, shared by the customer tenants; None without.
+    assertion: TokenProvider | None = None
 
     storage_ready: bool = False
 
@@ -63,6 +66,8 @@ class Runtime:
             await self.storage_credential.close()
         for tenant in self.tenants.values():
             await tenant.close()
+        if self.assertion is not None:
+            await self.assertion.close()
         await self.session.close()
 
 
@@ -72,7 +77,7 @@ async def build_runtime(settings: Settings) -> Runtime:
     from shared.channels.base import Transport, trace_config
     from shared.queues import Queues, queue_client
     from shared.storage import Tables, storage_credential, table_service
-    from shared.tokens import TokenProvider
+    from shared.tokens import TokenProvider, assertion_tokens, tenant_tokens
 
     session = aiohttp.ClientSession(trace_configs=[trace_config()])
     transport = Transport(session, settings.defender_http_timeout_seconds)
@@ -84,11 +89,32 @@ async def build_runtime(settings: Settings) -> Runtime:
         queue_client(settings.storage, credential, settings.requests_queue),
         queue_client(settings.storage, credential, f"{settings.chunks_queue}-poison"),
     )
-    tokens = TokenProvider(
+    tokens = TokenProvider.managed(
         settings.defender_token_scope, settings.use_managed_identity, settings.azure_client_id
     )
-    home = build_tenant(TenantContext.home(), settings, tokens, transport, tables, queues)
-    return Runtime(settings, session, service, tables, queues, credential, {HOME: home})
+    tenants = {
+        HOME: build_tenant(
+            TenantContext.home(), settings.home_tenant(), settings, tokens, transport, tables, queues
+        )
+    }
+    assertion: TokenProvider | None = None
+    if settings.defender_tenants:
+        assert settings.defender_app_client_id is not None  # load_settings requires it with tenants
+        assertion = assertion_tokens(settings.use_managed_identity, settings.azure_client_id)
+        for name, profile in settings.defender_tenants.items():
+            tenant_provider = tenant_tokens(
+                profile.token_scope, profile.tenant_id, settings.defender_app_client_id, assertion
+            )
+            tenants[name] = build_tenant(
+                TenantContext.customer(name, profile.tenant_id),
+                profile,
+                settings,
+                tenant_provider,
+                transport,
+                tables,
+                queues.for_tenant(name),
+            )
+    return Runtime(settings, session, service, tables, queues, credential, tenants, assertion)
 
 
 _settings: Settings | None = None

@@ -507,11 +507,10 @@ class Sender:
         incidents then sends the small ones by PATCH and leaves batchUpdate to the large ones, instead
         of spending PATCH's hour on whatever came first (docs/contracts.md §7).
         """
-        patch = self.settings.defender_patch_rate_limits
-        if not patch:
+        if self.patch is None:
             return 0.0
-        longest_patch = max(patch, key=lambda w: w.seconds)
-        longest_batch = max(self.settings.defender_rate_limits, key=lambda w: w.seconds)
+        longest_patch = max(self.patch.limiter.windows, key=lambda w: w.seconds)
+        longest_batch = max(self.limiter.windows, key=lambda w: w.seconds)
         return (longest_patch.calls / longest_patch.seconds) / (longest_batch.calls / longest_batch.seconds)
 
     @property

@@ -7,6 +7,7 @@ message an operator can act on, instead of failing on the first request.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,32 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class TenantSettings:
+    """One customer tenant of DEFENDER_TENANTS (docs/contracts.md §8): where its MDE is and its limits.
+
+    Missing fields take the home tenant's values (DEFENDER_API_BASE_URL, DEFENDER_TOKEN_SCOPE, the two
+    rate-limit settings), so a tenant in the same cloud needs only its `tenantId`.
+    """
+
+    name: str
+    tenant_id: str
+    api_base_url: str
+    token_scope: str
+    rate_limits: tuple[RateWindow, ...]
+    patch_rate_limits: tuple[RateWindow, ...] | None
+    sentinel_workspace_ids: tuple[str, ...] = ()
+
+    @property
+    def batch_update_url(self) -> str:
+        return f"{self.api_base_url}/api/alerts/batchUpdate"
+
+    @property
+    def alerts_url(self) -> str:
+        """The PATCH channel's base: one alert is `{alerts_url}/{id}`."""
+        return f"{self.api_base_url}/api/alerts"
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageSettings
     defender_api_base_url: str
@@ -85,6 +112,23 @@ class Settings:
     # it strips any X-MS-CLIENT-PRINCIPAL* header a caller sends and adds its own. Only then do those
     # headers say who called; without it any caller could forge them (shared/api.py caller_of).
     app_service_auth_enabled: bool = field(default=False)
+    # Customer tenants served besides the home tenant, by name (docs/contracts.md §8); empty: home only.
+    defender_tenants: Mapping[str, TenantSettings] = field(default_factory=dict)
+    # The multi-tenant Entra application whose federated credential trusts the managed identity.
+    defender_app_client_id: str | None = None
+    # With App Service authentication, acting on a tenant needs the app role Tenants.All or Tenant.<name>.
+    require_tenant_roles: bool = False
+
+    def home_tenant(self) -> TenantSettings:
+        """The home tenant (the managed identity's own) as a tenant entry: the top-level settings."""
+        return TenantSettings(
+            name=HOME_TENANT_NAME,
+            tenant_id="",
+            api_base_url=self.defender_api_base_url,
+            token_scope=self.defender_token_scope,
+            rate_limits=self.defender_rate_limits,
+            patch_rate_limits=self.defender_patch_rate_limits,
+        )
 
     @property
     def batch_update_url(self) -> str:
@@ -225,6 +269,106 @@ def _table_prefix(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,52}", text):
         raise ValueError("must start with a letter and hold only letters and digits (at most 53)")
     return text
+
+
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_TENANT_NAME = re.compile(r"[a-z0-9-]{1,32}")
+HOME_TENANT_NAME = "home"  # reserved: the managed identity's own tenant (shared.tenants.HOME)
+_TENANT_FIELDS = frozenset(
+    {"tenantId", "apiBaseUrl", "tokenScope", "rateLimits", "patchRateLimits", "sentinelWorkspaceIds"}
+)
+
+
+def _guid(text: str) -> str:
+    if not isinstance(text, str) or not _GUID.fullmatch(text):
+        raise ValueError("must be a GUID like 00000000-0000-0000-0000-000000000000")
+    return text.lower()
+
+
+def _tenant(name: str, spec: Any, home: Settings) -> TenantSettings:
+    """One entry of DEFENDER_TENANTS; ValueError names the field and its rule."""
+    if not _TENANT_NAME.fullmatch(name):
+        raise ValueError(f"tenant name {name!r} must match ^[a-z0-9-]{{1,32}}$")
+    if name == HOME_TENANT_NAME:
+        raise ValueError(f"tenant name {name!r} is reserved for the home tenant")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{name}: must be a JSON object with at least tenantId")
+    unknown = sorted(set(spec) - _TENANT_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_TENANT_FIELDS))}"
+        )
+
+    def field_of(key: str, default: T, parse: Callable[[Any], T]) -> T:
+        if key not in spec:
+            return default
+        value = spec[key]
+        try:
+            if key != "sentinelWorkspaceIds" and not isinstance(value, str):
+                raise ValueError("must be a string")
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}.{key}: {exc}") from None
+
+    if "tenantId" not in spec:
+        raise ValueError(f"{name}.tenantId: is required")
+    return TenantSettings(
+        name=name,
+        tenant_id=field_of("tenantId", "", _guid),
+        api_base_url=field_of("apiBaseUrl", home.defender_api_base_url, _http_url),
+        token_scope=field_of("tokenScope", home.defender_token_scope, _scope),
+        rate_limits=field_of("rateLimits", home.defender_rate_limits, parse_rate_limits),
+        patch_rate_limits=field_of(
+            "patchRateLimits", home.defender_patch_rate_limits, parse_optional_rate_limits
+        ),
+        sentinel_workspace_ids=field_of("sentinelWorkspaceIds", (), _workspace_ids),
+    )
+
+
+def _scope(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _workspace_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of workspace GUIDs")
+    return tuple(_guid(item) for item in value)
+
+
+def _tenants(reader: _Reader, home: Settings) -> dict[str, TenantSettings]:
+    """DEFENDER_TENANTS, every entry checked; a tenant id or Sentinel workspace under two names is refused
+    (two budgets for one tenant would let alertgate exceed MDE's per-tenant limits)."""
+    document: dict[str, Any] = reader.get("DEFENDER_TENANTS", {}, _json_object)
+    tenants: dict[str, TenantSettings] = {}
+    for name, spec in document.items():
+        try:
+            tenants[name] = _tenant(name, spec, home)
+        except ValueError as exc:
+            reader.problems.append(("DEFENDER_TENANTS", str(exc)))
+    by_tenant: dict[str, str] = {}
+    by_workspace: dict[str, str] = {}
+    for name, tenant in tenants.items():
+        if any(w.calls > 2000 for w in (*tenant.rate_limits, *(tenant.patch_rate_limits or ()))):
+            reader.problems.append(
+                ("DEFENDER_TENANTS", f"{name}: rate limits must allow at most 2000 calls per window")
+            )
+        other = by_tenant.setdefault(tenant.tenant_id, name)
+        if other != name:
+            reader.problems.append(
+                ("DEFENDER_TENANTS", f"{name}.tenantId: tenant {tenant.tenant_id} is already named {other!r}")
+            )
+        for workspace in tenant.sentinel_workspace_ids:
+            owner = by_workspace.setdefault(workspace, name)
+            if owner != name:
+                reader.problems.append(
+                    (
+                        "DEFENDER_TENANTS",
+                        f"{name}.sentinelWorkspaceIds: workspace {workspace} is already under {owner!r}",
+                    )
+                )
+    return tenants
 
 
 def _storage(reader: _Reader) -> StorageSettings:
@@ -424,6 +568,26 @@ def _load(reader: _Reader) -> Settings:
                 "Table Storage transaction",
             )
         )
+    tenants = _tenants(reader, settings)
+    app_client_id = reader.get("DEFENDER_APP_CLIENT_ID", None, _guid)
+    if (
+        tenants
+        and app_client_id is None
+        and not any(n == "DEFENDER_APP_CLIENT_ID" for n, _ in reader.problems)
+    ):
+        reader.problems.append(
+            (
+                "DEFENDER_APP_CLIENT_ID",
+                "is required once DEFENDER_TENANTS names a tenant: the multi-tenant application whose "
+                "federated credential trusts the managed identity",
+            )
+        )
+    settings = dataclasses.replace(
+        settings,
+        defender_tenants=tenants,
+        defender_app_client_id=app_client_id,
+        require_tenant_roles=reader.get("REQUIRE_TENANT_ROLES", False, _bool),
+    )
     if settings.requests_queue == settings.chunks_queue:
         reader.problems.append(("CHUNKS_QUEUE", "must differ from REQUESTS_QUEUE"))
     if reader.problems:

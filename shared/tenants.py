@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
     from shared.sender import Sender
-    from shared.settings import RateWindow, Settings
+    from shared.settings import RateWindow, Settings, TenantSettings
     from shared.storage import Tables
     from shared.tokens import TokenProvider
     from shared.worker import Worker
@@ -51,6 +51,17 @@ class TenantContext:
     def home(cls) -> TenantContext:
         return cls(HOME, key_space="", ledger_partition="ledger", budget_partition="mde")
 
+    @classmethod
+    def customer(cls, name: str, tenant_id: str) -> TenantContext:
+        """A customer tenant's state is keyed by its tenant id, not its name: renaming a tenant in
+        DEFENDER_TENANTS keeps its keys, operations and budget."""
+        return cls(
+            name,
+            key_space=tenant_id,
+            ledger_partition=f"ledger-{tenant_id}",
+            budget_partition=f"mde-{tenant_id}",
+        )
+
 
 @dataclass
 class TenantServices:
@@ -72,13 +83,14 @@ class TenantServices:
 
 def build_tenant(
     context: TenantContext,
+    profile: TenantSettings,
     settings: Settings,
     tokens: TokenProvider,
     transport: Transport,
     tables: Tables,
     queues: Queues,
 ) -> TenantServices:
-    """Wire one tenant's services on the process-wide parts."""
+    """Wire one tenant's services on the process-wide parts; `profile` says where its MDE is and its limits."""
     from shared.channels import batch_update, patch
     from shared.idempotency import IdempotencyStore
     from shared.intake import Intake
@@ -101,17 +113,17 @@ def build_tenant(
     )
     channel = batch_update.BatchUpdateChannel(
         transport,
-        settings.batch_update_url,
-        limiter(settings.defender_rate_limits, batch_update.BUDGET_ROW_KEY),
+        profile.batch_update_url,
+        limiter(profile.rate_limits, batch_update.BUDGET_ROW_KEY),
         batch_limit,
         settings.defender_enum_overrides,
     )
     single: patch.PatchChannel | None = None
-    if settings.defender_patch_rate_limits is not None:
+    if profile.patch_rate_limits is not None:
         single = patch.PatchChannel(
             transport,
-            settings.alerts_url,
-            limiter(settings.defender_patch_rate_limits, patch.BUDGET_ROW_KEY),
+            profile.alerts_url,
+            limiter(profile.patch_rate_limits, patch.BUDGET_ROW_KEY),
             settings.defender_enum_overrides,
         )
     ledger = Ledger(tables.operations, partition=context.ledger_partition)

@@ -110,6 +110,7 @@ def test_a_problem_must_carry_the_http_status_and_its_media_type() -> None:
 def test_an_undocumented_route_or_method_fails() -> None:
     assert found("GET", "/api/nowhere", 200, {}) == [
         "/api/nowhere is not a path of openapi.yaml (/alerts/batchUpdate, /sentinel/incidents, "
+        "/tenants/{tenant}/alerts/batchUpdate, /tenants/{tenant}/sentinel/incidents, "
         "/operations/{operationId}, /health)"
     ]
     assert found("DELETE", BATCH, 200, {}) == ["DELETE is not documented for /alerts/batchUpdate"]

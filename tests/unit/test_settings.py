@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shared.errors import SettingsError
@@ -126,5 +128,113 @@ def test_names_read_are_the_designs_settings_plus_the_platforms() -> None:
         "SWEEP_GRACE_SECONDS",
         "DEFENDER_PATCH_RATE_LIMITS",
         "PATCH_MAX_ALERTS",
+        "DEFENDER_TENANTS",
+        "DEFENDER_APP_CLIENT_ID",
+        "REQUIRE_TENANT_ROLES",
     }
     assert names_read() >= PLATFORM_NAMES
+
+
+# --- DEFENDER_TENANTS, DEFENDER_APP_CLIENT_ID, REQUIRE_TENANT_ROLES (docs/contracts.md §8) ----------------
+
+APP = "5b1c3f8e-2d4a-4e6b-9c7d-0a1b2c3d4e5f"
+CONTOSO = "a0e1b2c3-d4e5-4f60-8172-93a4b5c6d7e8"
+FABRIKAM = "b1f2c3d4-e5f6-4071-8293-a4b5c6d7e8f9"
+WORKSPACE = "c2a3b4c5-d6e7-4f80-9123-b4c5d6e7f8a9"
+
+
+def tenants_env(tenants: object, **extra: str) -> dict[str, str]:
+    return {**BASE, "DEFENDER_TENANTS": json.dumps(tenants), "DEFENDER_APP_CLIENT_ID": APP, **extra}
+
+
+def test_no_tenants_by_default() -> None:
+    s = load_settings(BASE)
+    assert dict(s.defender_tenants) == {}
+    assert s.defender_app_client_id is None and s.require_tenant_roles is False
+
+
+def test_a_tenant_takes_the_home_tenants_endpoint_scope_and_limits_unless_it_names_its_own() -> None:
+    s = load_settings(
+        tenants_env(
+            {
+                "contoso": {"tenantId": CONTOSO.upper()},
+                "fabrikam": {
+                    "tenantId": FABRIKAM,
+                    "apiBaseUrl": "https://api-us.security.microsoft.com/",
+                    "tokenScope": "https://api.securitycenter.microsoft.com/.default",
+                    "rateLimits": "5/2,20/20",
+                    "patchRateLimits": "off",
+                    "sentinelWorkspaceIds": [WORKSPACE],
+                },
+            },
+            DEFENDER_RATE_LIMITS="8/60",
+            REQUIRE_TENANT_ROLES="true",
+        )
+    )
+    contoso, fabrikam = s.defender_tenants["contoso"], s.defender_tenants["fabrikam"]
+    assert contoso.tenant_id == CONTOSO  # GUIDs kept in lower case
+    assert contoso.api_base_url == s.defender_api_base_url and contoso.rate_limits == (RateWindow(8, 60.0),)
+    assert contoso.patch_rate_limits == s.defender_patch_rate_limits
+    assert fabrikam.api_base_url == "https://api-us.security.microsoft.com"
+    assert fabrikam.rate_limits == (RateWindow(5, 2.0), RateWindow(20, 20.0))
+    assert fabrikam.patch_rate_limits is None and fabrikam.sentinel_workspace_ids == (WORKSPACE,)
+    assert s.defender_app_client_id == APP and s.require_tenant_roles is True
+
+
+@pytest.mark.parametrize(
+    ("tenants", "rule"),
+    [
+        ([], "must be a JSON object"),
+        ({"Contoso": {"tenantId": CONTOSO}}, "tenant name 'Contoso' must match ^[a-z0-9-]{1,32}$"),
+        ({"home": {"tenantId": CONTOSO}}, "tenant name 'home' is reserved for the home tenant"),
+        ({"contoso": CONTOSO}, "contoso: must be a JSON object with at least tenantId"),
+        ({"contoso": {}}, "contoso.tenantId: is required"),
+        ({"contoso": {"tenantId": "contoso.onmicrosoft.com"}}, "contoso.tenantId: must be a GUID"),
+        ({"contoso": {"tenantId": CONTOSO, "region": "eu"}}, "contoso: unknown field(s) region"),
+        (
+            {"contoso": {"tenantId": CONTOSO, "apiBaseUrl": "ftp://x"}},
+            "contoso.apiBaseUrl: must be an absolute",
+        ),
+        (
+            {"contoso": {"tenantId": CONTOSO, "rateLimits": "ten"}},
+            "contoso.rateLimits: must be a comma-separated",
+        ),
+        ({"contoso": {"tenantId": CONTOSO, "rateLimits": 10}}, "contoso.rateLimits: must be a string"),
+        (
+            {"contoso": {"tenantId": CONTOSO, "rateLimits": "3000/60"}},
+            "contoso: rate limits must allow at most",
+        ),
+        (
+            {"contoso": {"tenantId": CONTOSO, "sentinelWorkspaceIds": "x"}},
+            "contoso.sentinelWorkspaceIds: must be a list",
+        ),
+        (
+            {"contoso": {"tenantId": CONTOSO}, "contoso-eu": {"tenantId": CONTOSO}},
+            f"contoso-eu.tenantId: tenant {CONTOSO} is already named 'contoso'",
+        ),
+        (
+            {
+                "contoso": {"tenantId": CONTOSO, "sentinelWorkspaceIds": [WORKSPACE]},
+                "fabrikam": {"tenantId": FABRIKAM, "sentinelWorkspaceIds": [WORKSPACE.upper()]},
+            },
+            f"fabrikam.sentinelWorkspaceIds: workspace {WORKSPACE} is already under 'contoso'",
+        ),
+    ],
+)
+def test_a_bad_tenant_is_named_with_its_rule(tenants: object, rule: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(tenants_env(tenants))
+    assert ("DEFENDER_TENANTS", rule) in [(n, r[: len(rule)]) for n, r in raised.value.problems]
+
+
+def test_tenants_need_the_multi_tenant_app() -> None:
+    env = tenants_env({"contoso": {"tenantId": CONTOSO}})
+    del env["DEFENDER_APP_CLIENT_ID"]
+    with pytest.raises(SettingsError) as raised:
+        load_settings(env)
+    assert [n for n, _ in raised.value.problems] == ["DEFENDER_APP_CLIENT_ID"]
+    with pytest.raises(SettingsError) as raised:
+        load_settings({**env, "DEFENDER_APP_CLIENT_ID": "my-app"})
+    assert raised.value.problems == [
+        ("DEFENDER_APP_CLIENT_ID", "must be a GUID like 00000000-0000-0000-0000-000000000000 (got 'my-app')")
+    ]
