@@ -5,7 +5,9 @@
 // deployment package, alertgate's tables and queues; Application Insights on a Log Analytics
 // workspace; the data-plane role assignments; every alertgate setting of docs/contracts.md §4 from a parameter
 // whose default is the documented default (README "Settings"). The MDE permission is an Entra app role,
-// which ARM cannot grant: infra/grant-defender-permission.sh does it after `azd up`.
+// which ARM cannot grant: infra/grant-defender-permission.sh does it after `azd up`. With
+// createMultiTenantApp, also the multi-tenant Entra application through which alertgate serves customer
+// tenants (modules/multitenant-app.bicep, Microsoft Graph Bicep extension; docs/tenants.md).
 //
 // tests/infra/test_settings_consistency.py reads this file: every UPPER_SNAKE_CASE object key is an
 // app setting, and each alertgate setting must come from a parameter whose default is the code's.
@@ -184,6 +186,28 @@ param sweepSchedule string = '*/30 * * * * *'
 @description('SWEEP_GRACE_SECONDS: how long past its due time a chunk may go unhandled before the sweep re-queues it.')
 param sweepGraceSeconds string = '60'
 
+@description('DEFENDER_TENANTS: the customer tenants served besides the home tenant, {"<name>": {"tenantId": "<GUID>", "apiBaseUrl"?, "tokenScope"?, "rateLimits"?, "patchRateLimits"?, "sentinelWorkspaceIds"?: ["<GUID>"]}}, names ^[a-z0-9-]{1,32}$ (not home); infra/onboard-tenant.sh prints the value with one more tenant.')
+param defenderTenants object = {}
+
+@description('DEFENDER_APP_CLIENT_ID: client id of the multi-tenant application whose federated credential trusts the identity; required once defenderTenants names a tenant. Empty with createMultiTenantApp: the created application\'s.')
+param defenderAppClientId string = ''
+
+@description('REQUIRE_TENANT_ROLES: with App Service authentication a caller needs the app role Tenants.All or Tenant.<name> to act on a tenant, and function-key callers reach only the home tenant.')
+param requireTenantRoles bool = false
+
+// --- Several tenants: the multi-tenant application (docs/tenants.md) --------------------------------------
+
+@description('Create the multi-tenant Entra application, its federated credential trusting the identity and its service principal (Microsoft Graph Bicep extension, public cloud only); the deploying user needs Application Administrator or Cloud Application Administrator.')
+param createMultiTenantApp bool = false
+
+@description('Display name of the multi-tenant application: what customers\' administrators see when they consent.')
+@minLength(1)
+@maxLength(256)
+param multiTenantAppDisplayName string = 'alertgate'
+
+@description('Id of WindowsDefenderATP\'s Alert.ReadWrite.All app role, for a home tenant without WindowsDefenderATP\'s service principal; empty looks it up there.')
+param defenderAlertRoleId string = ''
+
 // --- Names -----------------------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -237,7 +261,16 @@ var alertgateAppSettings = {
   SENTINEL_DEFAULT_ASSIGNEE: sentinelDefaultAssignee
   SWEEP_SCHEDULE: sweepSchedule
   SWEEP_GRACE_SECONDS: sweepGraceSeconds
+  DEFENDER_TENANTS: string(defenderTenants)
+  DEFENDER_APP_CLIENT_ID: defenderAppClientId
+  REQUIRE_TENANT_ROLES: string(requireTenantRoles)
 }
+
+// DEFENDER_APP_CLIENT_ID left empty takes the client id of the application created here (union: the
+// later object's value wins).
+var createdAppSettings = createMultiTenantApp && empty(defenderAppClientId) ? {
+  DEFENDER_APP_CLIENT_ID: multiTenantApp!.outputs.appId
+} : {}
 
 // azure-identity's own variable, set only when given: an empty value would not mean "the default" to it.
 var authorityHostAppSettings = empty(azureAuthorityHost) ? {} : {
@@ -300,6 +333,18 @@ module rbac 'modules/rbac.bicep' = {
   }
 }
 
+// The multi-tenant application customers consent to; its only credential is the identity.
+module multiTenantApp 'modules/multitenant-app.bicep' = if (createMultiTenantApp) {
+  name: 'multitenant-app'
+  scope: rg
+  params: {
+    uniqueName: 'alertgate-tenants-${resourceToken}'
+    displayName: multiTenantAppDisplayName
+    identityPrincipalId: identity.outputs.principalId
+    defenderAlertRoleId: defenderAlertRoleId
+  }
+}
+
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   scope: rg
@@ -317,7 +362,7 @@ module functionApp 'modules/functionapp.bicep' = {
     storageAccountName: storage.outputs.name
     deploymentContainerName: deploymentContainerName
     applicationInsightsName: monitoring.outputs.applicationInsightsName
-    appSettings: union(alertgateAppSettings, authorityHostAppSettings)
+    appSettings: union(alertgateAppSettings, createdAppSettings, authorityHostAppSettings)
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     enableEntraAuth: enableEntraAuth
@@ -341,3 +386,6 @@ output ALERTGATE_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output ALERTGATE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output ALERTGATE_IDENTITY_RESOURCE_ID string = identity.outputs.id
 output ALERTGATE_ENTRA_AUTH bool = enableEntraAuth
+// DEFENDER_APP_CLIENT_ID as deployed (infra/onboard-tenant.sh reads it); a name of its own, so that azd
+// does not feed it back into defenderAppClientId.
+output ALERTGATE_MULTITENANT_APP_CLIENT_ID string = !empty(defenderAppClientId) ? defenderAppClientId : (createMultiTenantApp ? multiTenantApp!.outputs.appId : '')
