@@ -51,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.errors import AlreadyAccepted, LedgerConflict, StorageUnavailable
 from shared.storage import conditional
@@ -304,6 +304,14 @@ class AcceptPlan:
     hold_seconds: float = 0.0
 
 
+class EndListener(Protocol):
+    """What the ledger tells of the ends it records (shared.telemetry.EndWatcher)."""
+
+    def ended(self, chunks: Sequence[Chunk]) -> None: ...
+
+    def invalid(self, operation: Operation) -> None: ...
+
+
 class Ledger:
     def __init__(self, table: StateStore, clock: Any = time.time, *, partition: str = PARTITION) -> None:
         self._table = table
@@ -313,6 +321,12 @@ class Ledger:
         self._lock = asyncio.Lock()
         # the light read of the unfinished entries in flight, and when it started (_light_entries)
         self._light_read: tuple[float, asyncio.Future[list[Chunk]]] | None = None
+        # told of every end this process records, right after its write (shared.telemetry.EndWatcher)
+        self.watcher: EndListener | None = None
+
+    def _ended(self, chunks: Sequence[Chunk]) -> None:
+        if self.watcher is not None:
+            self.watcher.ended(chunks)
 
     # --- accepting ----------------------------------------------------------------------------------
 
@@ -445,6 +459,8 @@ class Ledger:
             if existing is None:  # inserted by someone else, then purged: a storage oddity, try later
                 raise StorageUnavailable(f"operation {operation_id} appeared and vanished")
             return existing
+        if self.watcher is not None:
+            self.watcher.invalid(operation)
         return operation
 
     # --- reading -------------------------------------------------------------------------------------
@@ -616,7 +632,10 @@ class Ledger:
         ended = [self.ended(c, result, answer_status, error) for c in chunks]
         if answer_for is not None:
             ended[0].answer = answer_for(ended[0])
-        return await self._replace_all([(e, e.finished_pending_entity(), e.etag) for e in ended])
+        done = await self._replace_all([(e, e.finished_pending_entity(), e.etag) for e in ended])
+        if done is not None:
+            self._ended(done)
+        return done
 
     def ended(
         self, chunk: Chunk, result: ChunkResult, answer_status: int, error: dict[str, Any] | None
@@ -671,8 +690,11 @@ class Ledger:
             if in_place:
                 etag = await self._table.replace(done.finished_pending_entity(), done.etag)
                 if etag is not None:
-                    return dataclasses.replace(done, etag=etag)
+                    recorded = dataclasses.replace(done, etag=etag)
+                    self._ended([recorded])
+                    return recorded
             elif await self._table.transact(_settling(done, done.etag)) is not None:
+                self._ended([done])
                 return done
             existing, where = await self.finished_chunk(done.chunk_id), "r"
             if existing is None:
@@ -695,7 +717,9 @@ class Ledger:
         etag = await self._table.replace(entity, unknown.etag)
         if etag is None:
             raise LedgerConflict(f"chunk {done.chunk_id} changed while its known outcome superseded it")
-        return dataclasses.replace(done, etag=etag)
+        recorded = dataclasses.replace(done, etag=etag)
+        self._ended([recorded])
+        return recorded
 
     async def settle(self, done: Chunk) -> bool:
         """Move a chunk finished in place from p- to r- (one transaction); False if someone else did."""

@@ -1,5 +1,5 @@
 """Queue- and timer-triggered entry points: the inbound requests queue, the chunks worker, the poison
-queues, the sweep and the purge; each resolves its tenant and hands over to that tenant's services.
+queues, the sweep, the purge and the telemetry snapshot; each resolves its tenant and hands over to that tenant's services.
 
 The inbound queue (REQUESTS_QUEUE, docs/contracts.md §2) takes what other services put on it: a batchUpdate body,
 optionally with `idempotencyKey` (the queue's stand-in for the header), or `{"sentinelIncident": {...}}`.
@@ -23,6 +23,7 @@ from shared.outcomes import IncidentOutcome, InProgress, KeyReused, NothingToDo,
 from shared.tenants import HOME
 
 if TYPE_CHECKING:
+    from shared.runtime import Runtime
     from shared.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -218,9 +219,11 @@ async def handle_chunk_poison(body: bytes) -> str:
         chunk_id = str(message["chunk"])
         tenant = str(message.get("tenant") or HOME)
     except (ValueError, KeyError, TypeError, AttributeError):
+        _poisoned(rt, HOME, "chunks")
         log.error("chunks poison queue: dropped a message that is not a chunk reference: %r", body[:200])
         return "malformed"
     if tenant not in rt.tenants:
+        _poisoned(rt, tenant, "chunks")
         log.error(
             "chunks poison queue: chunk %s is of tenant %r, which this deployment no longer serves",
             chunk_id,
@@ -231,7 +234,11 @@ async def handle_chunk_poison(body: bytes) -> str:
 
 
 async def handle_request_poison(message_id: str, body: bytes) -> str:
-    """An inbound message that kept failing: a Failed operation says so, with the message id."""
+    """An inbound message that kept failing: a Failed operation says so, with the message id (in the home
+    tenant: a message that could not be handled may not have a tenant anyone can trust)."""
+    from shared import runtime
+
+    _poisoned(await runtime.ready(), _tenant_named_in(body), "requests")
     caller = {"authentication": "queue", "messageId": message_id}
     snippet = body[:300].decode("utf-8", errors="replace")
     exc = RequestRejected(
@@ -241,6 +248,46 @@ async def handle_request_poison(message_id: str, body: bytes) -> str:
         [FieldError("body", "failed repeatedly (poison queue)")],
     )
     return await _record_invalid(message_id, caller, exc)
+
+
+def _poisoned(rt: Runtime, tenant: str, queue: str) -> None:
+    if rt.telemetry is not None:
+        rt.telemetry.tenant(tenant).poison(queue)
+
+
+def _tenant_named_in(body: bytes) -> str:
+    """The top-level `tenant` an inbound message names, if it is one served; otherwise the home tenant."""
+    from shared import runtime
+
+    try:
+        named = json.loads(body).get("tenant")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return HOME
+    return named if isinstance(named, str) and named in runtime.settings().defender_tenants else HOME
+
+
+async def run_telemetry_snapshot(now: float) -> dict[str, int]:
+    """The minute timer's gauges (docs/telemetry.md); the backlog per tenant, for the log line."""
+    from shared import runtime
+
+    return await snapshot(await runtime.ready(), now)
+
+
+async def snapshot(rt: Runtime, now: float) -> dict[str, int]:
+    """Every tenant's budgets and backlog, every queue's depth, recorded as gauges."""
+    backlog: dict[str, int] = {}
+    if rt.telemetry is None:
+        return backlog
+    for name, tenant in rt.tenants.items():
+        figures = rt.telemetry.tenant(name)
+        for channel in (tenant.batch_update, tenant.patch):
+            if channel is not None:
+                figures.budget(channel.name, await channel.limiter.snapshot())
+        unfinished = [c for c in await tenant.ledger.all_pending() if not c.finished]
+        figures.backlog(unfinished, now)
+        backlog[name] = len(unfinished)
+    rt.telemetry.queue_depths(await rt.queues.depths())
+    return backlog
 
 
 async def run_sweep() -> dict[str, int]:

@@ -50,19 +50,25 @@ class Queues:
         requests: QueueClient,
         chunks_poison: QueueClient,
         tenant: str | None = None,
+        requests_poison: QueueClient | None = None,
     ) -> None:
         self.chunks = chunks
         self.requests = requests
         self.chunks_poison = chunks_poison
+        # only read (its depth, for telemetry): the host moves messages there and a trigger empties it
+        self.requests_poison = requests_poison
         self.tenant = tenant  # named in the chunk messages sent through this view; None: the home tenant
 
     def for_tenant(self, name: str | None) -> Queues:
         """The same queues, sending chunk messages that name a customer tenant (None: the home tenant,
         whose messages keep the form they had before tenants existed)."""
-        return Queues(self.chunks, self.requests, self.chunks_poison, tenant=name)
+        return Queues(
+            self.chunks, self.requests, self.chunks_poison, tenant=name, requests_poison=self.requests_poison
+        )
 
     def all(self) -> list[QueueClient]:
-        return [self.chunks, self.requests, self.chunks_poison]
+        poison = [self.requests_poison] if self.requests_poison is not None else []
+        return [self.chunks, self.requests, self.chunks_poison, *poison]
 
     async def ensure_exist(self) -> None:
         from azure.core.exceptions import ResourceExistsError

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from shared.queues import Queues
     from shared.sentinel import SentinelMapping
     from shared.storage import Tables
+    from shared.telemetry import Telemetry
     from shared.tenants import TenantServices
     from shared.tokens import TokenProvider
 
@@ -38,6 +39,7 @@ class Runtime:
     tenants: dict[str, TenantServices]
     # The managed identity's token for the token exchange, shared by the customer tenants; None without.
     assertion: TokenProvider | None = None
+    telemetry: Telemetry | None = None
 
     storage_ready: bool = False
 
@@ -71,13 +73,18 @@ class Runtime:
         await self.session.close()
 
 
-async def build_runtime(settings: Settings) -> Runtime:
+async def build_runtime(settings: Settings, telemetry: Telemetry | None = None) -> Runtime:
+    """Everything one process keeps; `telemetry` defaults to the OpenTelemetry API's global providers
+    (the Functions worker's SDK in Azure, no-ops elsewhere)."""
     import aiohttp
 
     from shared.channels.base import Transport, trace_config
     from shared.queues import Queues, queue_client
     from shared.storage import Tables, storage_credential, table_service
+    from shared.telemetry import Telemetry
     from shared.tokens import TokenProvider, assertion_tokens, tenant_tokens
+
+    telemetry = telemetry if telemetry is not None else Telemetry()
 
     session = aiohttp.ClientSession(trace_configs=[trace_config()])
     transport = Transport(session, settings.defender_http_timeout_seconds)
@@ -88,13 +95,21 @@ async def build_runtime(settings: Settings) -> Runtime:
         queue_client(settings.storage, credential, settings.chunks_queue),
         queue_client(settings.storage, credential, settings.requests_queue),
         queue_client(settings.storage, credential, f"{settings.chunks_queue}-poison"),
+        requests_poison=queue_client(settings.storage, credential, f"{settings.requests_queue}-poison"),
     )
     tokens = TokenProvider.managed(
         settings.defender_token_scope, settings.use_managed_identity, settings.azure_client_id
     )
     tenants = {
         HOME: build_tenant(
-            TenantContext.home(), settings.home_tenant(), settings, tokens, transport, tables, queues
+            TenantContext.home(),
+            settings.home_tenant(),
+            settings,
+            tokens,
+            transport,
+            tables,
+            queues,
+            telemetry,
         )
     }
     assertion: TokenProvider | None = None
@@ -113,8 +128,9 @@ async def build_runtime(settings: Settings) -> Runtime:
                 transport,
                 tables,
                 queues.for_tenant(name),
+                telemetry,
             )
-    return Runtime(settings, session, service, tables, queues, credential, tenants, assertion)
+    return Runtime(settings, session, service, tables, queues, credential, tenants, assertion, telemetry)
 
 
 _settings: Settings | None = None

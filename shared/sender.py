@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from shared.queues import Queues
     from shared.ratelimit import RateLimiter
     from shared.settings import Settings
+    from shared.telemetry import TenantTelemetry
     from shared.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,10 @@ class Sender:
         clock: Callable[[], float] = time.time,
         *,
         patch: Channel | None = None,
+        telemetry: TenantTelemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry  # every call's outcome is counted (docs/telemetry.md)
         self.ledger = ledger
         self.channel = channel
         self.patch = patch  # the single-alert channel (docs/contracts.md §7), None when it is off
@@ -278,6 +281,7 @@ class Sender:
                 return gone_stale
             sending = members[0]
             result = await self.channel.send(alert_ids_of(members), sending.fields, token)
+            self._observe(self.channel, result, len(members))
             if result.kind is CallKind.UNAUTHORIZED and not sending.fresh_token:
                 lost = await self._fresh_token_next(state, members, token)
                 if lost is not None:
@@ -971,6 +975,7 @@ class Sender:
         if self._clock() - grant.at > self.max_grant_age:
             return await self._grant_went_stale([piece], grant, self.patch)
         result = await self.patch.send(piece.alert_ids, piece.fields, token)
+        self._observe(self.patch, result, 1)
         if result.kind is CallKind.UNAUTHORIZED and not piece.fresh_token:
             back = await self.ledger.update_pending(
                 piece, state=PendingState.PENDING, fresh_token=True, sending_since=0.0
@@ -979,6 +984,10 @@ class Sender:
                 Attempt(AttemptKind.LOST, piece) if back is None else Attempt(AttemptKind.DEFERRED, back, 0.0)
             )
         return await self._record(piece, result, answer_for, self.patch)
+
+    def _observe(self, channel: Channel, result: CallResult, members: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.call(channel.name, result, members)
 
     async def _release_all(self, grants: list[Grant], channel: Channel) -> None:
         for grant in grants:

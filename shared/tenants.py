@@ -5,8 +5,8 @@ it belongs to one tenant: its token provider, its channels and their budget rows
 and its idempotency key space. The process-wide parts (settings, the aiohttp session, the storage clients
 and queues) are shared by all tenants (shared.runtime).
 
-Only the home tenant exists for now (docs/contracts.md §8 plans the others). The home tenant keeps the
-names that state written before tenants existed uses: key hashes without a key space, the ledger
+The home tenant, and the customer tenants of DEFENDER_TENANTS (docs/contracts.md §8). The home tenant
+keeps the names that state written before tenants existed uses: key hashes without a key space, the ledger
 partition `ledger`, the budget rows in partition `mde`. An upgrade therefore forgets no key, operation or
 call.
 """
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from shared.sender import Sender
     from shared.settings import RateWindow, Settings, TenantSettings
     from shared.storage import Tables
+    from shared.telemetry import EndWatcher, Telemetry
     from shared.tokens import TokenProvider
     from shared.worker import Worker
 
@@ -76,8 +77,11 @@ class TenantServices:
     sender: Sender
     worker: Worker
     intake: Intake
+    watcher: EndWatcher | None = None  # the operation-end checks still running are awaited at close
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.drain()
         await self.tokens.close()
 
 
@@ -89,6 +93,7 @@ def build_tenant(
     transport: Transport,
     tables: Tables,
     queues: Queues,
+    telemetry: Telemetry | None = None,
 ) -> TenantServices:
     """Wire one tenant's services on the process-wide parts; `profile` says where its MDE is and its limits."""
     from shared.channels import batch_update, patch
@@ -136,7 +141,14 @@ def build_tenant(
         + settings.sweep_grace_seconds,
         key_space=context.key_space,
     )
-    sender = Sender(settings, ledger, channel, tokens, queues, patch=single)
+    figures = telemetry.tenant(context.name) if telemetry is not None else None
+    watcher: EndWatcher | None = None
+    if figures is not None:
+        from shared.telemetry import EndWatcher
+
+        watcher = EndWatcher(ledger, figures)
+        ledger.watcher = watcher
+    sender = Sender(settings, ledger, channel, tokens, queues, patch=single, telemetry=figures)
     return TenantServices(
         context,
         tokens,
@@ -147,4 +159,5 @@ def build_tenant(
         sender,
         Worker(sender),
         Intake(settings, keys, ledger, sender),
+        watcher,
     )

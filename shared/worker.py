@@ -80,6 +80,8 @@ class Worker:
 
     async def on_poison(self, chunk_id: str) -> bool:
         """A chunk message failed repeatedly: record the chunk Failed (OutcomeUnknown if it was sent) rather than let it vanish."""
+        if self.sender.telemetry is not None:
+            self.sender.telemetry.poison("chunks")
         chunk = await self.sender.ledger.pending_chunk(chunk_id)
         if chunk is None:
             return False

@@ -24,6 +24,7 @@ from shared.ledger import AcceptPlan, Chunk, Ledger, OrderView, new_operation_id
 from shared.ratelimit import RateLimiter, parse_log
 from shared.sender import Sender
 from shared.settings import Settings, load_settings
+from shared.telemetry import EndWatcher, Telemetry
 from shared.worker import Worker
 from tests.fakes import MemoryTable
 
@@ -373,6 +374,7 @@ def build(
     limiter_clock: Callable[[], float] | None = None,
     tokens: FakeTokens | None = None,
     script: Iterable[Scripted] = (),
+    telemetry: Telemetry | None = None,
 ) -> Rig:
     """Wire a tenant like shared.tenants.build_tenant (home names: budget partition `mde`, ledger
     partition `ledger`, no key space), every part on `clock` (the limiter on `limiter_clock` if given)."""
@@ -412,6 +414,9 @@ def build(
         + settings.sweep_grace_seconds,
         clock=clock,
     )
+    figures = telemetry.tenant("home") if telemetry is not None else None
+    if figures is not None:  # as build_tenant wires it
+        ledger.watcher = EndWatcher(ledger, figures)
     sender = Sender(
         settings,
         ledger,
@@ -420,6 +425,7 @@ def build(
         cast("Queues", queues),
         clock=clock,
         patch=patch,
+        telemetry=figures,
     )
     worker = Worker(sender, clock)
     intake = Intake(settings, keys, ledger, sender, clock)

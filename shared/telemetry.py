@@ -1,0 +1,241 @@
+"""alertgate's metrics and events for operators (docs/telemetry.md), through the OpenTelemetry API only.
+
+In Azure the Functions host's OpenTelemetry mode has the Python worker configure the Azure Monitor SDK;
+alertgate never configures a provider itself, it asks the API's global ones (or the ones a test hands
+in). Without a configured SDK every instrument is a no-op, which is what the local run and most tests get.
+
+Why the figures are kept here and not in log lines: the host's default mode drops `extra=` fields, and
+Azure's own queue metric is account-wide and hourly, so budget and backlog must come from alertgate.
+
+Instruments are created once per process (`Telemetry`); each tenant's services get a `TenantTelemetry`
+that adds the `tenant` attribute. `EndWatcher` turns the ends the ledger records into the chunk counter
+and, once an operation's last chunk has ended, the operation's event. Finding that out needs reads, so
+it runs beside the request, never in front of its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry._logs import LoggerProvider
+    from opentelemetry.metrics import MeterProvider
+
+    from shared.channels.base import CallResult
+    from shared.ledger import Chunk, Ledger, Operation
+    from shared.ratelimit import BudgetSnapshot
+
+log = logging.getLogger(__name__)
+
+SCOPE = "alertgate"
+OPERATION_ENDED = "alertgate.operation.ended"
+# The attribute that makes the Azure Monitor exporter write a log record to customEvents under this name.
+CUSTOM_EVENT_NAME = "microsoft.custom_event.name"
+NO_CHANNEL = "none"
+NO_CODE = "none"
+# How long closing the runtime waits for the operation-end checks still running.
+DRAIN_SECONDS = 5.0
+
+
+def call_outcome(result: CallResult) -> tuple[str, int | None]:
+    """A call's `outcome` attribute (docs/telemetry.md), and its HTTP status when MDE answered."""
+    from shared.channels.base import CallKind
+
+    if not result.sent:
+        return "not_sent", None
+    if result.kind is CallKind.OUTCOME_UNKNOWN:
+        return "no_answer", None
+    status = 200 if result.kind is CallKind.OK else (result.error.http_status if result.error else None)
+    if status is None:
+        return "no_answer", None
+    if status in (200, 429):
+        return str(status), status
+    return ("5xx" if status >= 500 else "4xx"), status
+
+
+class Telemetry:
+    """The process's instruments (one set, whatever the number of tenants)."""
+
+    def __init__(
+        self, meter_provider: MeterProvider | None = None, logger_provider: LoggerProvider | None = None
+    ) -> None:
+        from opentelemetry import _logs, metrics
+
+        meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
+        self.calls = meter.create_counter(
+            "alertgate.mde.calls", unit="{call}", description="HTTP calls to MDE, by outcome"
+        )
+        self.forbidden = meter.create_counter(
+            "alertgate.mde.forbidden",
+            unit="{call}",
+            description="Calls MDE answered 403: a missing permission",
+        )
+        self.members = meter.create_histogram(
+            "alertgate.mde.call.members",
+            unit="{chunk}",
+            description="Chunks carried by each call sent to MDE (more than 1: a coalesced call)",
+            explicit_bucket_boundaries_advisory=[1, 2, 5, 10, 20, 50, 100],
+        )
+        self.chunks_ended = meter.create_counter(
+            "alertgate.chunks.ended", unit="{chunk}", description="Chunks that ended, by result"
+        )
+        self.poison = meter.create_counter(
+            "alertgate.poison.messages", unit="{message}", description="Messages handled from a poison queue"
+        )
+        self.budget_used = meter.create_gauge(
+            "alertgate.budget.used", unit="{call}", description="Calls admitted in the window ending now"
+        )
+        self.budget_remaining = meter.create_gauge(
+            "alertgate.budget.remaining", unit="{call}", description="Calls the window still admits"
+        )
+        self.pending = meter.create_gauge(
+            "alertgate.backlog.pending", unit="{chunk}", description="Chunks accepted and not yet ended"
+        )
+        self.oldest_age = meter.create_gauge(
+            "alertgate.backlog.oldest_age", unit="s", description="Age of the oldest chunk not yet ended"
+        )
+        self.queue_depth = meter.create_gauge(
+            "alertgate.queue.depth", unit="{message}", description="Approximate messages in each queue"
+        )
+        self.events = _logs.get_logger(SCOPE, logger_provider=logger_provider)
+
+    def tenant(self, name: str) -> TenantTelemetry:
+        return TenantTelemetry(self, name)
+
+    def queue_depths(self, depths: dict[str, int]) -> None:
+        for queue, depth in depths.items():
+            self.queue_depth.set(depth, {"queue": queue})
+
+
+@dataclass(frozen=True)
+class TenantTelemetry:
+    """The instruments as one tenant's services use them: every figure carries its `tenant`."""
+
+    telemetry: Telemetry
+    tenant: str
+
+    def call(self, channel: str, result: CallResult, members: int) -> None:
+        outcome, status = call_outcome(result)
+        code = (result.error.code if result.error else None) or NO_CODE
+        attributes = {"tenant": self.tenant, "channel": channel}
+        self.telemetry.calls.add(1, {**attributes, "outcome": outcome, "error_code": code})
+        if status == 403:
+            self.telemetry.forbidden.add(1, attributes)
+        if outcome != "not_sent":
+            self.telemetry.members.record(members, attributes)
+
+    def chunks_ended(self, chunks: Iterable[Chunk]) -> None:
+        for (channel, result), count in Counter(
+            (c.channel or NO_CHANNEL, str(c.state)) for c in chunks
+        ).items():
+            self.telemetry.chunks_ended.add(
+                count, {"tenant": self.tenant, "channel": channel, "result": result}
+            )
+
+    def poison(self, queue: str) -> None:
+        self.telemetry.poison.add(1, {"tenant": self.tenant, "queue": queue})
+
+    def budget(self, channel: str, snapshot: BudgetSnapshot) -> None:
+        for window in snapshot.windows:
+            attributes: dict[str, str | int] = {
+                "tenant": self.tenant,
+                "channel": channel,
+                "window": f"{window.seconds:g}",
+                "limit": window.calls,
+            }
+            self.telemetry.budget_used.set(window.used, attributes)
+            self.telemetry.budget_remaining.set(window.remaining, attributes)
+
+    def backlog(self, unfinished: Sequence[Chunk], now: float) -> None:
+        attributes = {"tenant": self.tenant}
+        self.telemetry.pending.set(len(unfinished), attributes)
+        oldest = min((c.created_at for c in unfinished), default=now)
+        self.telemetry.oldest_age.set(max(0.0, now - oldest), attributes)
+
+    def operation_ended(self, operation: Operation, chunks: Sequence[Chunk]) -> None:
+        """The one event of an operation's end (docs/telemetry.md), with what a SOC asks of it."""
+        from opentelemetry._logs import SeverityNumber
+
+        from shared.operations import status_of, worst_error
+
+        status = status_of(operation, list(chunks))
+        worst = worst_error(list(chunks)) if chunks else (operation.errors[0] if operation.errors else None)
+        code = (worst or {}).get("code") or (
+            None if status.status == "Succeeded" else str(status.http_status)
+        )
+        ended_at = max((c.finished_at for c in chunks), default=operation.created_at)
+        attributes: dict[str, Any] = {
+            CUSTOM_EVENT_NAME: OPERATION_ENDED,
+            "operationId": operation.operation_id,
+            "tenant": self.tenant,
+            "source": operation.source,
+            "status": status.status,
+            "alertCount": operation.alert_count,
+            "chunkResults": json.dumps(dict(Counter(str(c.state) for c in chunks)), sort_keys=True),
+            "errorCode": code or NO_CODE,
+            "callerKind": str(operation.caller.get("authentication") or "functionKey"),
+            "durationSeconds": round(max(0.0, ended_at - operation.created_at), 3),
+        }
+        self.telemetry.events.emit(
+            body=f"operation {operation.operation_id} {status.status}",
+            severity_number=SeverityNumber.INFO if status.status == "Succeeded" else SeverityNumber.WARN,
+            attributes=attributes,
+        )
+
+
+class EndWatcher:
+    """Hears every chunk end the ledger records: counts it, and emits its operation's event if that was
+    the operation's last chunk.
+
+    The ledger calls `ended` right after the write, synchronously; the check for the operation's end reads
+    the operation (and, if it has several chunks, their entries), so it runs as a task beside the caller's
+    answer. Each end is followed by a read that happens after its own write, so the last one to end always
+    sees every chunk ended: the event is emitted at least once (twice only if two ends race).
+    """
+
+    def __init__(self, ledger: Ledger, telemetry: TenantTelemetry) -> None:
+        self.ledger = ledger
+        self.telemetry = telemetry
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ended(self, chunks: Sequence[Chunk]) -> None:
+        self.telemetry.chunks_ended(chunks)
+        by_operation: dict[str, list[Chunk]] = {}
+        for chunk in chunks:
+            by_operation.setdefault(chunk.operation_id, []).append(chunk)
+        for operation_id, ends in by_operation.items():
+            task = asyncio.get_running_loop().create_task(self._check(operation_id, ends))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def invalid(self, operation: Operation) -> None:
+        """An operation recorded Failed with no chunks (an inbound message refused): it ends as it starts."""
+        self.telemetry.operation_ended(operation, [])
+
+    async def _check(self, operation_id: str, ends: list[Chunk]) -> None:
+        try:
+            operation = await self.ledger.operation(operation_id)
+            if operation is None:
+                return
+            only = ends[0]
+            if operation.first_seq == operation.last_seq and len(ends) == 1 and "-" not in only.chunk_id:
+                chunks: Sequence[Chunk] = ends  # its only chunk, never split: no need to read the rest
+            else:
+                chunks = await self.ledger.chunks_of(operation)
+            from shared.operations import status_of
+
+            if status_of(operation, list(chunks)).terminal:
+                self.telemetry.operation_ended(operation, chunks)
+        except Exception:  # telemetry never fails the work it describes
+            log.warning("operation %s: could not tell whether it ended", operation_id, exc_info=True)
+
+    async def drain(self) -> None:
+        """Let the checks still running finish, for a few seconds at most (the process is closing)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=DRAIN_SECONDS)

@@ -1,0 +1,258 @@
+"""The figures of docs/telemetry.md, read back with the OpenTelemetry SDK's in-memory metric reader and log
+exporter (the real SDK; the tenant's services are real over in-memory tables, MDE's answers scripted)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
+
+from shared.channels.base import CallKind, CallResult
+from shared.ledger import ChunkResult
+from shared.ratelimit import BudgetSnapshot, WindowState
+from shared.sender import AttemptKind
+from shared.telemetry import CUSTOM_EVENT_NAME, OPERATION_ENDED, Telemetry, call_outcome
+from tests.unit.upstream_fakes import ID1, ID2, ManualClock, answer, build, not_sent, unknown
+
+ID3 = "da637551227677560813_-961444813"
+
+Key = tuple[str, frozenset[tuple[str, Any]]]
+
+
+@dataclass
+class Otel:
+    telemetry: Telemetry
+    reader: InMemoryMetricReader
+    logs: InMemoryLogRecordExporter
+
+    def figures(self) -> dict[Key, Any]:
+        """Every data point by (metric name, attributes): a sum's value, a gauge's last value, a
+        histogram's (count, sum)."""
+        data = self.reader.get_metrics_data()
+        found: dict[Key, Any] = {}
+        if data is None:
+            return found
+        for resource in data.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in metric.data.data_points:
+                        key = (metric.name, frozenset((point.attributes or {}).items()))
+                        if isinstance(point, HistogramDataPoint):
+                            found[key] = (point.count, point.sum)
+                        else:
+                            assert isinstance(point, NumberDataPoint)
+                            found[key] = point.value
+        return found
+
+    def named(self, name: str) -> dict[frozenset[tuple[str, Any]], Any]:
+        return {attrs: value for (metric, attrs), value in self.figures().items() if metric == name}
+
+    def events(self) -> list[dict[str, Any]]:
+        return [dict(item.log_record.attributes or {}) for item in self.logs.get_finished_logs()]
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    exporter = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
+    loggers = LoggerProvider()
+    loggers.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    yield Otel(Telemetry(meters, loggers), reader, exporter)
+    meters.shutdown()
+    loggers.shutdown()
+
+
+def attrs(**values: Any) -> frozenset[tuple[str, Any]]:
+    return frozenset(values.items())
+
+
+@pytest.mark.parametrize(
+    ("result", "outcome"),
+    [
+        (CallResult(CallKind.OK), "200"),
+        (answer(429, "TooManyRequests", retry_after=1.0), "429"),
+        (answer(403, "Forbidden"), "4xx"),
+        (answer(404, "NotFound"), "4xx"),
+        (answer(400, "InvalidRequestBody"), "4xx"),
+        (answer(503, "ServiceUnavailable"), "5xx"),
+        (unknown(timed_out=True), "no_answer"),
+        (not_sent(), "not_sent"),
+    ],
+)
+def test_each_answer_has_its_outcome(result: CallResult, outcome: str) -> None:
+    assert call_outcome(result)[0] == outcome
+
+
+async def test_a_run_with_a_429_a_403_and_a_poison_message_gives_exact_figures(
+    clock: ManualClock, otel: Otel
+) -> None:
+    rig = build(
+        clock,
+        telemetry=otel.telemetry,
+        script=[answer(429, "TooManyRequests", retry_after=5.0), answer(403, "Forbidden", "no role")],
+    )
+    [first] = await rig.accept(ID1)
+    deferred = await rig.sender.attempt(first, max_wait=0.0)  # 429
+    assert deferred.kind is AttemptKind.DEFERRED
+    [forbidden] = await rig.accept(ID2, fields={"status": "InProgress"})  # not identical: not coalesced
+    clock.advance(deferred.delay + 1)
+    assert (await rig.sender.attempt(forbidden, max_wait=60.0)).kind is AttemptKind.FINISHED  # 403
+    again = await rig.pending(first)
+    assert again is not None
+    assert (await rig.sender.attempt(again, max_wait=60.0)).kind is AttemptKind.FINISHED  # 200
+    [poisoned] = await rig.accept(ID3, fields={"status": "New"})
+    assert await rig.worker.on_poison(poisoned.chunk_id)
+    assert rig.ledger.watcher is not None
+    await rig.ledger.watcher.drain()  # type: ignore[attr-defined]
+
+    calls = otel.named("alertgate.mde.calls")
+    assert calls == {
+        attrs(tenant="home", channel="fake", outcome="429", error_code="TooManyRequests"): 1,
+        attrs(tenant="home", channel="fake", outcome="4xx", error_code="Forbidden"): 1,
+        attrs(tenant="home", channel="fake", outcome="200", error_code="none"): 1,
+    }
+    assert otel.named("alertgate.mde.forbidden") == {attrs(tenant="home", channel="fake"): 1}
+    assert otel.named("alertgate.mde.call.members") == {attrs(tenant="home", channel="fake"): (3, 3)}
+    assert otel.named("alertgate.chunks.ended") == {
+        attrs(tenant="home", channel="fake", result="Succeeded"): 1,
+        attrs(tenant="home", channel="fake", result="Failed"): 1,
+        attrs(tenant="home", channel="none", result="Failed"): 1,  # poisoned before any call
+    }
+    assert otel.named("alertgate.poison.messages") == {attrs(tenant="home", queue="chunks"): 1}
+
+    events = {e["operationId"]: e for e in otel.events()}
+    assert set(events) == {first.operation_id, forbidden.operation_id, poisoned.operation_id}
+    assert all(e[CUSTOM_EVENT_NAME] == OPERATION_ENDED and e["tenant"] == "home" for e in events.values())
+    assert events[first.operation_id]["status"] == "Succeeded"
+    assert events[first.operation_id]["errorCode"] == "none"
+    assert json.loads(events[first.operation_id]["chunkResults"]) == {"Succeeded": 1}
+    assert (events[forbidden.operation_id]["status"], events[forbidden.operation_id]["errorCode"]) == (
+        "Failed",
+        "Forbidden",
+    )
+    assert events[poisoned.operation_id]["errorCode"] == "PoisonMessage"
+    assert events[first.operation_id]["durationSeconds"] == pytest.approx(deferred.delay + 1, abs=0.01)
+    assert {e["alertCount"] for e in events.values()} == {1}
+    assert {e["callerKind"] for e in events.values()} == {"functionKey"}
+
+
+async def test_an_operation_of_several_chunks_ends_once_its_last_chunk_ends(
+    clock: ManualClock, otel: Otel
+) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    first, second = await rig.accept(ID1, ID2, chunks=2)
+    assert await rig.worker.on_poison(first.chunk_id)  # the first ends Failed, the second still pending
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+    assert otel.events() == []
+
+    clock.advance(10)
+    assert (await rig.sender.attempt(second, max_wait=60.0)).kind is AttemptKind.FINISHED  # 200
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+
+    [event] = otel.events()
+    assert (event["operationId"], event["status"], event["alertCount"]) == (
+        first.operation_id,
+        "PartiallySucceeded",
+        2,
+    )
+    assert json.loads(event["chunkResults"]) == {"Failed": 1, "Succeeded": 1}
+    assert event["errorCode"] == "PoisonMessage"
+    assert otel.named("alertgate.chunks.ended") == {
+        attrs(tenant="home", channel="none", result="Failed"): 1,
+        attrs(tenant="home", channel="fake", result="Succeeded"): 1,
+    }
+
+
+async def test_a_coalesced_call_counts_its_members_and_ends_its_operations_once(
+    clock: ManualClock, otel: Otel
+) -> None:
+    rig = build(clock, telemetry=otel.telemetry, script=[answer(403, "Forbidden")])
+    first, _ = await rig.accept(ID1, ID2, chunks=2)  # identical updates: one call carries both
+
+    assert (await rig.sender.attempt(first, max_wait=60.0)).kind is AttemptKind.FINISHED
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+
+    assert len(rig.calls) == 1
+    assert otel.named("alertgate.mde.call.members") == {attrs(tenant="home", channel="fake"): (1, 2)}
+    assert otel.named("alertgate.mde.forbidden") == {attrs(tenant="home", channel="fake"): 1}
+    assert otel.named("alertgate.chunks.ended") == {attrs(tenant="home", channel="fake", result="Failed"): 2}
+    [event] = otel.events()
+    assert (event["status"], json.loads(event["chunkResults"])) == ("Failed", {"Failed": 2})
+
+
+async def test_a_second_finish_of_the_same_chunk_counts_nothing(clock: ManualClock, otel: Otel) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    [chunk] = await rig.accept(ID1)
+    await rig.ledger.finish(chunk, ChunkResult.SUCCEEDED, 200, None)
+    await rig.ledger.finish(chunk, ChunkResult.FAILED, 502, None)  # judged against the recorded end
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+
+    assert otel.named("alertgate.chunks.ended") == {
+        attrs(tenant="home", channel="none", result="Succeeded"): 1
+    }
+    assert [e["status"] for e in otel.events()] == ["Succeeded"]
+
+
+async def test_an_invalid_inbound_message_ends_its_operation_at_once(clock: ManualClock, otel: Otel) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    errors = [{"field": "status", "message": "must be one of ..."}]
+    operation = await rig.ledger.record_invalid(
+        "op-invalid", "queue", {"authentication": "queue"}, errors, 400
+    )
+
+    [event] = otel.events()
+    assert (event["operationId"], event["status"], event["source"]) == (
+        operation.operation_id,
+        "Failed",
+        "queue",
+    )
+    assert (event["callerKind"], event["alertCount"], event["errorCode"]) == ("queue", 0, "400")
+
+
+def test_budget_gauges_per_window_and_queue_depths(otel: Otel) -> None:
+    figures = otel.telemetry.tenant("contoso")
+    snapshot = BudgetSnapshot(
+        [WindowState(calls=10, seconds=60.0, used=7, remaining=3), WindowState(500, 3600.0, 42, 458)], None
+    )
+    figures.budget("batchUpdate", snapshot)
+    otel.telemetry.queue_depths({"alert-update-chunks": 4, "alert-update-chunks-poison": 1})
+
+    assert otel.named("alertgate.budget.used") == {
+        attrs(tenant="contoso", channel="batchUpdate", window="60", limit=10): 7,
+        attrs(tenant="contoso", channel="batchUpdate", window="3600", limit=500): 42,
+    }
+    assert (
+        otel.named("alertgate.budget.remaining")[
+            attrs(tenant="contoso", channel="batchUpdate", window="60", limit=10)
+        ]
+        == 3
+    )
+    assert otel.named("alertgate.queue.depth") == {
+        attrs(queue="alert-update-chunks"): 4,
+        attrs(queue="alert-update-chunks-poison"): 1,
+    }
+
+
+async def test_backlog_counts_what_has_not_ended_and_its_oldest_age(clock: ManualClock, otel: Otel) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    [old] = await rig.accept(ID1)
+    clock.advance(90)
+    await rig.accept(ID2)
+    [done] = await rig.accept(ID3)
+    await rig.ledger.finish(done, ChunkResult.SUCCEEDED, 200, None, in_place=True)
+    clock.advance(30)
+
+    unfinished = [c for c in await rig.ledger.all_pending() if not c.finished]
+    otel.telemetry.tenant("home").backlog(unfinished, clock())
+
+    assert otel.named("alertgate.backlog.pending") == {attrs(tenant="home"): 2}
+    assert otel.named("alertgate.backlog.oldest_age") == {attrs(tenant="home"): pytest.approx(120.0)}
+    assert old.created_at == pytest.approx(clock() - 120)
