@@ -117,6 +117,15 @@ async def purge(timer: func.TimerRequest) -> None:
     log.info("purge removed %d keys and %d ledger records", keys, records)
 
 
+@app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False)
+async def telemetry_snapshot(timer: func.TimerRequest) -> None:
+    """Every minute: the budget, backlog and queue-depth gauges (docs/telemetry.md)."""
+    import time
+
+    backlog = await queue_handlers.run_telemetry_snapshot(time.time())
+    log.debug("telemetry snapshot: backlog %s", backlog)
+
+
 async def shutdown() -> None:
     """Close the worker's aiohttp session and credentials (called by the development host on exit)."""
     await runtime.shutdown()

@@ -4,7 +4,8 @@
                       [--no-local-settings] [--settings local.settings.json] [--host-json host.json]
 
 Start-up order follows Core Tools: local.settings.json `Values` into the environment (an existing
-environment variable wins), host.json, then the app module is imported (so settings it reads at import
+environment variable wins), host.json, telemetry as the Functions worker would set it up
+(devhost/telemetry.py: off unless asked for), then the app module is imported (so settings it reads at import
 are in place), its functions are discovered, and HTTP, queue polling and timers start. Once listening it
 prints `DEVHOST READY http://HOST:PORT` and one line per function, flushed.
 
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    from devhost import telemetry
+
+    log.info("%s", telemetry.configure(os.environ))  # before the app: as the Functions worker does
     try:
         app, module = load_app(args.app)
         plan = make_plan(app, config)
