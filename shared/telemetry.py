@@ -16,6 +16,7 @@ it runs beside the request, never in front of its answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -41,6 +42,8 @@ NO_CHANNEL = "none"
 NO_CODE = "none"
 # How long closing the runtime waits for the operation-end checks still running.
 DRAIN_SECONDS = 5.0
+# How long recorded ends gather before their operations are checked (EndWatcher).
+CHECK_DELAY_SECONDS = 0.5
 
 
 def call_outcome(result: CallResult) -> tuple[str, int | None]:
@@ -193,30 +196,44 @@ class EndWatcher:
     """Hears every chunk end the ledger records: counts it, and emits its operation's event if that was
     the operation's last chunk.
 
-    The ledger calls `ended` right after the write, synchronously; the check for the operation's end reads
-    the operation (and, if it has several chunks, their entries), so it runs as a task beside the caller's
-    answer. Each end is followed by a read that happens after its own write, so the last one to end always
-    sees every chunk ended: the event is emitted at least once (twice only if two ends race).
+    The ledger calls `ended` right after the write, synchronously. Telling whether the operation ended
+    needs reads (the operation, and the entries of one with several chunks), so the ends are gathered
+    and checked together CHECK_DELAY_SECONDS later: never in front of a caller's answer, and one check
+    per operation however many of its chunks ended meanwhile (a coalesced call ends up to 100 at once).
+    Every end is checked by a read made after its own write, so the last one to end always sees every
+    chunk ended: the event is emitted at least once (twice only if two processes' ends race).
     """
 
     def __init__(self, ledger: Ledger, telemetry: TenantTelemetry) -> None:
         self.ledger = ledger
         self.telemetry = telemetry
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, list[Chunk]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._sleeping = False
 
     def ended(self, chunks: Sequence[Chunk]) -> None:
         self.telemetry.chunks_ended(chunks)
-        by_operation: dict[str, list[Chunk]] = {}
         for chunk in chunks:
-            by_operation.setdefault(chunk.operation_id, []).append(chunk)
-        for operation_id, ends in by_operation.items():
-            task = asyncio.get_running_loop().create_task(self._check(operation_id, ends))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._waiting.setdefault(chunk.operation_id, []).append(chunk)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
     def invalid(self, operation: Operation) -> None:
         """An operation recorded Failed with no chunks (an inbound message refused): it ends as it starts."""
         self.telemetry.operation_ended(operation, [])
+
+    async def _flush_later(self) -> None:
+        self._sleeping = True
+        try:
+            await asyncio.sleep(CHECK_DELAY_SECONDS)
+        finally:
+            self._sleeping = False
+        await self._flush()
+
+    async def _flush(self) -> None:
+        while self._waiting:  # ends recorded during a flush are checked by the same task
+            batch, self._waiting = self._waiting, {}
+            await asyncio.gather(*(self._check(operation_id, ends) for operation_id, ends in batch.items()))
 
     async def _check(self, operation_id: str, ends: list[Chunk]) -> None:
         try:
@@ -236,6 +253,14 @@ class EndWatcher:
             log.warning("operation %s: could not tell whether it ended", operation_id, exc_info=True)
 
     async def drain(self) -> None:
-        """Let the checks still running finish, for a few seconds at most (the process is closing)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=DRAIN_SECONDS)
+        """Check what is waiting now, for a few seconds at most (the process is closing, or a test looks)."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done() and self._sleeping:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        elif flusher is not None and not flusher.done():
+            await asyncio.wait([flusher], timeout=DRAIN_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await self._flush()

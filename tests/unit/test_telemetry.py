@@ -3,6 +3,7 @@ exporter (the real SDK; the tenant's services are real over in-memory tables, MD
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from shared.channels.base import CallKind, CallResult
 from shared.ledger import ChunkResult
 from shared.ratelimit import BudgetSnapshot, WindowState
 from shared.sender import AttemptKind
-from shared.telemetry import CUSTOM_EVENT_NAME, OPERATION_ENDED, Telemetry, call_outcome
+from shared.telemetry import CHECK_DELAY_SECONDS, CUSTOM_EVENT_NAME, OPERATION_ENDED, Telemetry, call_outcome
 from tests.unit.upstream_fakes import ID1, ID2, ManualClock, answer, build, not_sent, unknown
 
 ID3 = "da637551227677560813_-961444813"
@@ -139,7 +140,10 @@ async def test_a_run_with_a_429_a_403_and_a_poison_message_gives_exact_figures(
         "Forbidden",
     )
     assert events[poisoned.operation_id]["errorCode"] == "PoisonMessage"
-    assert events[first.operation_id]["durationSeconds"] == pytest.approx(deferred.delay + 1, abs=0.01)
+    done = await rig.finished(first)
+    assert done is not None
+    assert events[first.operation_id]["durationSeconds"] == pytest.approx(done.finished_at - first.created_at)
+    assert done.finished_at - first.created_at >= deferred.delay  # it waited out the 429
     assert {e["alertCount"] for e in events.values()} == {1}
     assert {e["callerKind"] for e in events.values()} == {"functionKey"}
 
@@ -256,3 +260,22 @@ async def test_backlog_counts_what_has_not_ended_and_its_oldest_age(clock: Manua
     assert otel.named("alertgate.backlog.pending") == {attrs(tenant="home"): 2}
     assert otel.named("alertgate.backlog.oldest_age") == {attrs(tenant="home"): pytest.approx(120.0)}
     assert old.created_at == pytest.approx(clock() - 120)
+
+
+async def test_ends_gather_and_each_operation_is_checked_once_after_the_delay(
+    clock: ManualClock, otel: Otel
+) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    first, second = await rig.accept(ID1, ID2, chunks=2)
+    gets = rig.operations.counts["get"]
+    await rig.ledger.finish(first, ChunkResult.SUCCEEDED, 200, None)
+    await rig.ledger.finish(second, ChunkResult.SUCCEEDED, 200, None)
+    assert otel.events() == [] and rig.operations.counts["get"] == gets  # no read in front
+
+    await asyncio.sleep(CHECK_DELAY_SECONDS)  # (virtual) the gathered ends are checked
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+    [event] = otel.events()
+    assert (event["status"], json.loads(event["chunkResults"])) == ("Succeeded", {"Succeeded": 2})
+    assert rig.operations.counts["get"] == gets + 1  # one read of the operation for both ends
