@@ -3,7 +3,8 @@
 // A Flex Consumption (FC1) Linux Python function app that runs as one user-assigned managed identity;
 // a storage account reached with that identity only (shared keys off) holding the host's storage, the
 // deployment package, alertgate's tables and queues; Application Insights on a Log Analytics
-// workspace; the data-plane role assignments; every alertgate setting of docs/contracts.md §4 from a parameter
+// workspace, with a workbook and alert rules over alertgate's telemetry (modules/operations.bicep); the
+// data-plane role assignments; every alertgate setting of docs/contracts.md §4 from a parameter
 // whose default is the documented default (README "Settings"). The MDE permission is an Entra app role,
 // which ARM cannot grant: infra/grant-defender-permission.sh does it after `azd up`. With
 // createMultiTenantApp, also the multi-tenant Entra application through which alertgate serves customer
@@ -208,6 +209,16 @@ param multiTenantAppDisplayName string = 'alertgate'
 @description('Id of WindowsDefenderATP\'s Alert.ReadWrite.All app role, for a home tenant without WindowsDefenderATP\'s service principal; empty looks it up there.')
 param defenderAlertRoleId string = ''
 
+// --- Operations: the workbook and the alert rules (modules/operations.bicep, docs/telemetry.md) -------------
+
+@description('Resource id of an existing action group (email, SMS, Teams, a webhook) that alertgate\'s alert rules notify; empty creates the rules without actions: they still fire and show in Azure Monitor > Alerts.')
+param alertActionGroupId string = ''
+
+@description('Alert when the oldest pending update (alertgate.backlog.oldest_age) is older than this many minutes.')
+@minValue(1)
+@maxValue(1440)
+param oldestPendingAlertMinutes int = 15
+
 // --- Names -----------------------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -369,6 +380,20 @@ module functionApp 'modules/functionapp.bicep' = {
     entraAppClientId: entraAppClientId
     entraOpenIdIssuer: entraOpenIdIssuer
     allowedClientApplicationIds: allowedClientApps
+  }
+}
+
+// The operator's view: a workbook over alertgate's telemetry and the alert rules, on the component.
+module operations 'modules/operations.bicep' = {
+  name: 'operations'
+  scope: rg
+  params: {
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    location: location
+    tags: tags
+    alertRuleNamePrefix: 'alertgate-${resourceToken}'
+    actionGroupId: alertActionGroupId
+    oldestPendingAlertMinutes: oldestPendingAlertMinutes
   }
 }
 

@@ -97,11 +97,18 @@ var identityStorageSettings = {
   AzureWebJobsStorage__accountName: storage.name
   AzureWebJobsStorage__credential: 'managedidentity'
   AzureWebJobsStorage__clientId: identityClientId
-  APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
-  // Entra-authenticated ingestion as the identity: the component has local authentication disabled.
-  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
 }
-var platformAppSettings = union(identityStorageSettings, storageServiceUris)
+// Telemetry (docs/telemetry.md): host.json's telemetryMode OpenTelemetry plus
+// PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY make the Python worker configure the Azure Monitor exporter
+// for alertgate's OpenTelemetry metrics and events; both the host and that exporter send to the
+// connection string's component, authenticated as the identity (the component has local authentication
+// disabled). tests/infra/test_settings_consistency.py checks these are set.
+var telemetrySettings = {
+  APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+}
+var platformAppSettings = union(identityStorageSettings, telemetrySettings, storageServiceUris)
 
 var defaultAudiences = [
   entraAppClientId

@@ -56,6 +56,11 @@ PLATFORM_ALLOW_LIST: dict[str, str] = {
         "telemetry to the Application Insights the deployment creates (connection string, Entra "
         "authentication as the identity); there is none locally"
     ),
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY": (
+        "the Python worker's own switch of OpenTelemetry mode (with host.json's telemetryMode): in Azure it "
+        "configures the Azure Monitor exporter that takes alertgate's metrics and events (docs/telemetry.md) "
+        "to Application Insights; there is none locally, where the OpenTelemetry API stays a no-op"
+    ),
     "AzureWebJobsFeatureFlags": (
         "host feature flags: EnableWorkerIndexing for older Core Tools hosts; the default in Azure"
     ),
@@ -303,6 +308,45 @@ def test_the_deployment_sets_the_identity_based_storage_connection() -> None:
     assert "AzureWebJobsStorage" not in deployed, "no storage connection string (shared keys are disabled)"
     settings = app_setting_sources(FUNCTION_APP_BICEP, "identityStorageSettings")
     assert settings["AzureWebJobsStorage__credential"] == "'managedidentity'"
+
+
+# What OpenTelemetry mode needs in Azure (docs/telemetry.md): without the connection string nothing is
+# exported, and without the worker's switch alertgate's metrics and events never leave the process.
+TELEMETRY_SETTINGS = {
+    "APPLICATIONINSIGHTS_CONNECTION_STRING": "applicationInsights.properties.ConnectionString",
+    "PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY": "'true'",
+}
+
+
+def telemetry_problems(main_bicep: str, function_app_bicep: str) -> list[str]:
+    """What is wrong with the telemetry settings in these two texts of the templates."""
+    deployed: set[str] = set()
+    for text in (main_bicep, function_app_bicep):
+        for quoted, bare in _OBJECT_KEY.findall(bicep_code(text, keep_strings=True)):
+            deployed.add(quoted or bare)
+    problems = [f"{name} is not set by the deployment" for name in TELEMETRY_SETTINGS if name not in deployed]
+    code = bicep_code(function_app_bicep, keep_strings=True)
+    for name, expected in TELEMETRY_SETTINGS.items():
+        found = re.findall(rf"^[ \t]*{name}[ \t]*:[ \t]*(.+?)[ \t]*$", code, re.MULTILINE)
+        if name in deployed and found != [expected]:
+            problems.append(f"{name} is {found or 'not set in functionapp.bicep'}, expected {expected}")
+    return problems
+
+
+def test_the_deployment_turns_on_opentelemetry_mode() -> None:
+    problems = telemetry_problems(
+        MAIN_BICEP.read_text(encoding="utf-8"), FUNCTION_APP_BICEP.read_text(encoding="utf-8")
+    )
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", sorted(TELEMETRY_SETTINGS))
+def test_a_telemetry_setting_removed_from_the_deployment_is_reported(name: str) -> None:
+    main = MAIN_BICEP.read_text(encoding="utf-8")
+    function_app = FUNCTION_APP_BICEP.read_text(encoding="utf-8")
+    without = re.sub(rf"^[ \t]*{name}[ \t]*:.*\n", "", function_app, flags=re.MULTILINE)
+    assert without != function_app, f"{name} is not a line of functionapp.bicep"
+    assert telemetry_problems(main, without) == [f"{name} is not set by the deployment"]
 
 
 def test_every_alertgate_setting_comes_from_a_parameter_with_the_documented_default() -> None:
