@@ -307,6 +307,8 @@ class AcceptPlan:
 class EndListener(Protocol):
     """What the ledger tells of the ends it records (shared.telemetry.EndWatcher)."""
 
+    def accepted(self, operation: Operation) -> None: ...
+
     def ended(self, chunks: Sequence[Chunk]) -> None: ...
 
     def invalid(self, operation: Operation) -> None: ...
@@ -380,6 +382,8 @@ class Ledger:
                 self._counter = (operation.last_seq + 1, str(results[0]))
                 for chunk, etag_of_chunk in zip(chunks, results[3:], strict=True):
                     chunk.etag = etag_of_chunk
+                if self.watcher is not None:
+                    self.watcher.accepted(operation)
                 return operation, chunks
         raise LedgerConflict("could not advance the accept counter after 30 attempts")
 

@@ -16,10 +16,17 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 
 from shared.channels.base import CallKind, CallResult
-from shared.ledger import ChunkResult
+from shared.ledger import ChunkResult, Ledger
 from shared.ratelimit import BudgetSnapshot, WindowState
 from shared.sender import AttemptKind
-from shared.telemetry import CHECK_DELAY_SECONDS, CUSTOM_EVENT_NAME, OPERATION_ENDED, Telemetry, call_outcome
+from shared.telemetry import (
+    CHECK_DELAY_SECONDS,
+    CUSTOM_EVENT_NAME,
+    OPERATION_ENDED,
+    EndWatcher,
+    Telemetry,
+    call_outcome,
+)
 from tests.unit.upstream_fakes import ID1, ID2, ManualClock, answer, build, not_sent, unknown
 
 ID3 = "da637551227677560813_-961444813"
@@ -267,10 +274,11 @@ async def test_ends_gather_and_each_operation_is_checked_once_after_the_delay(
 ) -> None:
     rig = build(clock, telemetry=otel.telemetry)
     first, second = await rig.accept(ID1, ID2, chunks=2)
-    gets = rig.operations.counts["get"]
+    reads = sum(rig.operations.counts.values())
     await rig.ledger.finish(first, ChunkResult.SUCCEEDED, 200, None)
     await rig.ledger.finish(second, ChunkResult.SUCCEEDED, 200, None)
-    assert otel.events() == [] and rig.operations.counts["get"] == gets  # no read in front
+    writes = sum(rig.operations.counts.values()) - reads
+    assert otel.events() == []  # nothing emitted in front of the writes
 
     await asyncio.sleep(CHECK_DELAY_SECONDS)  # (virtual) the gathered ends are checked
     for _ in range(20):
@@ -278,4 +286,35 @@ async def test_ends_gather_and_each_operation_is_checked_once_after_the_delay(
 
     [event] = otel.events()
     assert (event["status"], json.loads(event["chunkResults"])) == ("Succeeded", {"Succeeded": 2})
-    assert rig.operations.counts["get"] == gets + 1  # one read of the operation for both ends
+    # accepted here, so the operation itself is not read; its entries are, once for both ends (p-, r-)
+    assert sum(rig.operations.counts.values()) - reads - writes == 2
+
+
+async def test_an_operation_accepted_by_another_instance_is_read_once(clock: ManualClock, otel: Otel) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    [chunk] = await rig.accept(ID1)
+    other = Ledger(rig.operations, clock)  # another instance: it never saw the operation accepted
+    other.watcher = EndWatcher(other, otel.telemetry.tenant("home"))
+    gets = rig.operations.counts["get"]
+
+    await other.finish(chunk, ChunkResult.SUCCEEDED, 200, None)
+    await other.watcher.drain()
+
+    assert rig.operations.counts["get"] == gets + 1
+    [event] = otel.events()
+    assert (event["operationId"], event["status"]) == (chunk.operation_id, "Succeeded")
+
+
+async def test_a_one_chunk_operation_accepted_and_ended_here_costs_no_read(
+    clock: ManualClock, otel: Otel
+) -> None:
+    rig = build(clock, telemetry=otel.telemetry)
+    [chunk] = await rig.accept(ID1)
+    before = sum(rig.operations.counts.values())
+
+    await rig.ledger.finish(chunk, ChunkResult.SUCCEEDED, 200, None)
+    after_write = sum(rig.operations.counts.values())
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+
+    assert sum(rig.operations.counts.values()) == after_write > before
+    assert [e["status"] for e in otel.events()] == ["Succeeded"]
