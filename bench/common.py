@@ -84,6 +84,14 @@ def code_state() -> str:
     return head + (f" (+ uncommitted changes in {', '.join(paths)})" if paths else "")
 
 
+def write_output(lines: list[str], out: Path) -> None:
+    """Keep a benchmark's printed lines in `out` (bench/results/...) and say where, relative to the repo."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    shown = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
+    print(f"output: {shown}", flush=True)
+
+
 def header(title: str) -> str:
     """The first lines of every benchmark's output: what ran, on which code, on what machine, and how
     busy the machine already was (other work on 2 cores shows in every figure)."""

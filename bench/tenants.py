@@ -64,7 +64,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import Stack, alert_id, header
+from bench.common import Stack, alert_id, header, write_output
 from bench.drain import idle_budget
 from bench.reference import minimum_schedule
 from devhost.services import REPO_ROOT
@@ -593,11 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (math.isfinite(args.margin) and 0 <= args.margin <= 10):
         parser.error("--margin must be 0 to 10")
     args.out = args.out.resolve()
-    lines = run(args, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    shown = args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out
-    print(f"output: {shown}", flush=True)
+    write_output(run(args, argv), args.out)
 
 
 if __name__ == "__main__":

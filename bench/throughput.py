@@ -61,7 +61,7 @@ from urllib.parse import unquote
 
 import aiohttp
 
-from bench.common import Stack, alert_id, emulator_options, header
+from bench.common import Stack, alert_id, emulator_options, header, write_output
 from bench.drain import TIMEOUT, _cumulative, direct_to_mde, limit_envelope, send_like_logic_apps
 from bench.reference import BATCH, PATCH, Drain, Update, minimum_drain, one_call_per_request
 from devhost.services import REPO_ROOT
@@ -799,11 +799,7 @@ def main(argv: list[str] | None = None) -> None:
             "this tree's MDE emulator has no PATCH (no --patch-rate-limits option): run with --no-patch"
         )
     args.plot, args.out = args.plot.resolve(), args.out.resolve()
-    lines = run(args, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    shown = args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out
-    print(f"output: {shown}", flush=True)
+    write_output(run(args, argv), args.out)
 
 
 if __name__ == "__main__":

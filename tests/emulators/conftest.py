@@ -203,3 +203,13 @@ async def wait_until(
             break
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {within}s")
+
+
+@pytest.fixture
+def identity_env(monkeypatch: pytest.MonkeyPatch, emulators: Service) -> Service:
+    """App Service style environment pointing at the emulator (and nothing that picks another flavour)."""
+    for name in ("IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", emulators.urls["identity"])
+    monkeypatch.setenv("IDENTITY_HEADER", emulators.urls["identity_header"])
+    return emulators

@@ -47,16 +47,6 @@ ALERT = "da637399794050273582_760707377"
 
 
 @pytest.fixture
-def identity_env(monkeypatch: pytest.MonkeyPatch, emulators: Service) -> Service:
-    """App Service style environment pointing at the emulator (and nothing that picks another flavour)."""
-    for name in ("IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("IDENTITY_ENDPOINT", emulators.urls["identity"])
-    monkeypatch.setenv("IDENTITY_HEADER", emulators.urls["identity_header"])
-    return emulators
-
-
-@pytest.fixture
 async def assertion(ctl: EmulatorControl, identity_env: Service) -> str:
     """The managed identity's token for the exchange, from azure-identity's real credential."""
     async with ManagedIdentityCredential() as credential:

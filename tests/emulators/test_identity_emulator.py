@@ -34,16 +34,6 @@ USER_ASSIGNED_CLIENT_ID = "11111111-2222-4333-8444-555555555555"
 
 
 @pytest.fixture
-def identity_env(monkeypatch: pytest.MonkeyPatch, emulators: Service) -> Service:
-    """App Service style environment pointing at the emulator (and nothing that picks another flavour)."""
-    for name in ("IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("IDENTITY_ENDPOINT", emulators.urls["identity"])
-    monkeypatch.setenv("IDENTITY_HEADER", emulators.urls["identity_header"])
-    return emulators
-
-
-@pytest.fixture
 async def credential(identity_env: Service) -> AsyncIterator[ManagedIdentityCredential]:
     async with ManagedIdentityCredential() as cred:
         yield cred
