@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 if TYPE_CHECKING:
     from opentelemetry._logs import LoggerProvider
@@ -48,6 +49,24 @@ DRAIN_SECONDS = 5.0
 CHECK_DELAY_SECONDS = 0.5
 CHECKS_AT_ONCE = 4
 REMEMBERED_OPERATIONS = 4096
+
+
+P = ParamSpec("P")
+
+
+def never_raises(record: Callable[P, None]) -> Callable[P, None]:
+    """A figure is recorded beside the work it describes, often between MDE's answer and the write that
+    keeps it: an exception there would leave a known outcome for the sweep to call unknown. So a failing
+    instrument or exporter is logged and the work goes on."""
+
+    @functools.wraps(record)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            log.warning("telemetry: %s failed; the work it describes goes on", record.__name__, exc_info=True)
+
+    return guarded
 
 
 def call_outcome(result: CallResult) -> tuple[str, int | None]:
@@ -115,6 +134,7 @@ class Telemetry:
     def tenant(self, name: str) -> TenantTelemetry:
         return TenantTelemetry(self, name)
 
+    @never_raises
     def queue_depths(self, depths: dict[str, int]) -> None:
         for queue, depth in depths.items():
             self.queue_depth.set(depth, {"queue": queue})
@@ -127,6 +147,7 @@ class TenantTelemetry:
     telemetry: Telemetry
     tenant: str
 
+    @never_raises
     def call(self, channel: str, result: CallResult, members: int) -> None:
         outcome, status = call_outcome(result)
         code = (result.error.code if result.error else None) or NO_CODE
@@ -137,6 +158,7 @@ class TenantTelemetry:
         if outcome != "not_sent":
             self.telemetry.members.record(members, attributes)
 
+    @never_raises
     def chunks_ended(self, chunks: Iterable[Chunk]) -> None:
         for (channel, result), count in Counter(
             (c.channel or NO_CHANNEL, str(c.state)) for c in chunks
@@ -145,9 +167,11 @@ class TenantTelemetry:
                 count, {"tenant": self.tenant, "channel": channel, "result": result}
             )
 
+    @never_raises
     def poison(self, queue: str) -> None:
         self.telemetry.poison.add(1, {"tenant": self.tenant, "queue": queue})
 
+    @never_raises
     def budget(self, channel: str, snapshot: BudgetSnapshot) -> None:
         for window in snapshot.windows:
             attributes: dict[str, str | int] = {
@@ -159,12 +183,14 @@ class TenantTelemetry:
             self.telemetry.budget_used.set(window.used, attributes)
             self.telemetry.budget_remaining.set(window.remaining, attributes)
 
+    @never_raises
     def backlog(self, unfinished: Sequence[Chunk], now: float) -> None:
         attributes = {"tenant": self.tenant}
         self.telemetry.pending.set(len(unfinished), attributes)
         oldest = min((c.created_at for c in unfinished), default=now)
         self.telemetry.oldest_age.set(max(0.0, now - oldest), attributes)
 
+    @never_raises
     def operation_ended(self, operation: Operation, chunks: Sequence[Chunk]) -> None:
         """The one event of an operation's end (docs/telemetry.md), with what a SOC asks of it."""
         from opentelemetry._logs import SeverityNumber
@@ -220,11 +246,13 @@ class EndWatcher:
         self._accepted: OrderedDict[str, Operation] = OrderedDict()
         self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)
 
+    @never_raises
     def accepted(self, operation: Operation) -> None:
         self._accepted[operation.operation_id] = operation
         while len(self._accepted) > REMEMBERED_OPERATIONS:
             self._accepted.popitem(last=False)
 
+    @never_raises
     def ended(self, chunks: Sequence[Chunk]) -> None:
         self.telemetry.chunks_ended(chunks)
         for chunk in chunks:
@@ -232,6 +260,7 @@ class EndWatcher:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
+    @never_raises
     def invalid(self, operation: Operation) -> None:
         """An operation recorded Failed with no chunks (an inbound message refused): it ends as it starts."""
         self.telemetry.operation_ended(operation, [])

@@ -318,3 +318,29 @@ async def test_a_one_chunk_operation_accepted_and_ended_here_costs_no_read(
 
     assert sum(rig.operations.counts.values()) == after_write > before
     assert [e["status"] for e in otel.events()] == ["Succeeded"]
+
+
+class Broken:
+    """An instrument whose exporter or SDK fails on every use."""
+
+    def add(self, *_: Any, **__: Any) -> None:
+        raise RuntimeError("exporter down")
+
+    record = set = emit = add
+
+
+async def test_a_failing_instrument_never_turns_mde_s_answer_into_an_unknown_outcome(
+    clock: ManualClock, otel: Otel
+) -> None:
+    broken = Broken()
+    for name in ("calls", "members", "forbidden", "chunks_ended", "events"):
+        setattr(otel.telemetry, name, broken)
+    rig = build(clock, telemetry=otel.telemetry)
+    [chunk] = await rig.accept(ID1)
+
+    attempt = await rig.sender.attempt(chunk, max_wait=60.0)
+    await rig.ledger.watcher.drain()  # type: ignore[union-attr]
+
+    assert attempt.kind is AttemptKind.FINISHED and len(rig.calls) == 1
+    done = await rig.finished(chunk)
+    assert done is not None and done.state == ChunkResult.SUCCEEDED  # MDE's 200 is kept
