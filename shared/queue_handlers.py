@@ -1,5 +1,6 @@
 """Queue- and timer-triggered entry points: the inbound requests queue, the chunks worker, the poison
-queues, the sweep, the purge and the telemetry snapshot; each resolves its tenant and hands over to that tenant's services.
+queues, the sweep, the purge and the telemetry snapshot; each resolves its tenant and hands over to that
+tenant's services.
 
 The inbound queue (REQUESTS_QUEUE, docs/contracts.md §2) takes what other services put on it: a batchUpdate body,
 optionally with `idempotencyKey` (the queue's stand-in for the header), or `{"sentinelIncident": {...}}`.
@@ -238,7 +239,8 @@ async def handle_request_poison(message_id: str, body: bytes) -> str:
     tenant: a message that could not be handled may not have a tenant anyone can trust)."""
     from shared import runtime
 
-    _poisoned(await runtime.ready(), _tenant_named_in(body), "requests")
+    rt = await runtime.ready()
+    _poisoned(rt, _tenant_named_in(body, rt), "requests")
     caller = {"authentication": "queue", "messageId": message_id}
     snippet = body[:300].decode("utf-8", errors="replace")
     exc = RequestRejected(
@@ -255,15 +257,13 @@ def _poisoned(rt: Runtime, tenant: str, queue: str) -> None:
         rt.telemetry.tenant(tenant).poison(queue)
 
 
-def _tenant_named_in(body: bytes) -> str:
+def _tenant_named_in(body: bytes, rt: Runtime) -> str:
     """The top-level `tenant` an inbound message names, if it is one served; otherwise the home tenant."""
-    from shared import runtime
-
     try:
         named = json.loads(body).get("tenant")
     except (ValueError, AttributeError, UnicodeDecodeError):
         return HOME
-    return named if isinstance(named, str) and named in runtime.settings().defender_tenants else HOME
+    return named if isinstance(named, str) and named in rt.tenants else HOME
 
 
 async def run_telemetry_snapshot(now: float) -> dict[str, int]:
