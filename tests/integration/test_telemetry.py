@@ -14,10 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 
 from devhost.services import Service, local_app_env
 from emulators.control import EmulatorControl
@@ -26,49 +22,18 @@ from shared.outcomes import Accepted
 from shared.queue_handlers import snapshot
 from shared.runtime import Runtime, build_runtime
 from shared.settings import load_settings
-from shared.telemetry import Telemetry
 from shared.validation import ValidationRules, validate_batch_update
 from tests.conftest import isolated_settings
 from tests.integration.helpers import new_ids
+from tests.otel import Otel, attrs
 
 RETRY_AFTER = 2
-
-
-class Figures:
-    def __init__(self) -> None:
-        self.reader = InMemoryMetricReader()
-        self.meters = MeterProvider(metric_readers=[self.reader])
-        self.logs = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
-        self.loggers = LoggerProvider()
-        self.loggers.add_log_record_processor(SimpleLogRecordProcessor(self.logs))
-        self.telemetry = Telemetry(self.meters, self.loggers)
-
-    def named(self, name: str) -> dict[frozenset[tuple[str, Any]], Any]:
-        found: dict[frozenset[tuple[str, Any]], Any] = {}
-        data = self.reader.get_metrics_data()
-        for resource in data.resource_metrics if data else []:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name != name:
-                        continue
-                    for point in metric.data.data_points:
-                        key = frozenset((point.attributes or {}).items())
-                        if isinstance(point, HistogramDataPoint):
-                            found[key] = (point.count, point.sum)
-                        else:
-                            assert isinstance(point, NumberDataPoint)
-                            found[key] = point.value
-        return found
-
-    def events(self) -> dict[str, dict[str, Any]]:
-        records = [dict(item.log_record.attributes or {}) for item in self.logs.get_finished_logs()]
-        return {str(r["operationId"]): r for r in records}
 
 
 @pytest.fixture
 async def running(
     azurite: Service, emulators: Service, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[Runtime, Figures]]:
+) -> AsyncIterator[tuple[Runtime, Otel]]:
     env = local_app_env(
         connection_string=azurite.urls["connection_string"],
         mde_url=emulators.urls["mde"],
@@ -83,15 +48,14 @@ async def running(
     )
     for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):  # what ManagedIdentityCredential reads
         monkeypatch.setenv(name, env[name])
-    figures = Figures()
+    figures = Otel()
     runtime = await build_runtime(load_settings(env), figures.telemetry)
     try:
         await runtime.ensure_storage()
         yield runtime, figures
     finally:
         await runtime.close()
-        figures.meters.shutdown()
-        figures.loggers.shutdown()
+        figures.shutdown()
 
 
 async def submit(runtime: Runtime, alert: str, status: str) -> str:
@@ -105,7 +69,7 @@ async def submit(runtime: Runtime, alert: str, status: str) -> str:
 
 
 async def test_a_run_with_a_403_a_429_and_a_poison_message_gives_exact_figures(
-    running: tuple[Runtime, Figures], ctl: EmulatorControl
+    running: tuple[Runtime, Otel], ctl: EmulatorControl
 ) -> None:
     runtime, figures = running
     home = runtime.home
@@ -125,21 +89,21 @@ async def test_a_run_with_a_403_a_429_and_a_poison_message_gives_exact_figures(
 
     assert [call["status"] for call in await ctl.calls()] == [403, 429, 200]
     assert figures.named("alertgate.mde.calls") == {
-        _attrs(tenant="home", channel="batchUpdate", outcome="4xx", error_code="Forbidden"): 1,
-        _attrs(tenant="home", channel="batchUpdate", outcome="429", error_code="TooManyRequests"): 1,
-        _attrs(tenant="home", channel="batchUpdate", outcome="200", error_code="none"): 1,
+        attrs(tenant="home", channel="batchUpdate", outcome="4xx", error_code="Forbidden"): 1,
+        attrs(tenant="home", channel="batchUpdate", outcome="429", error_code="TooManyRequests"): 1,
+        attrs(tenant="home", channel="batchUpdate", outcome="200", error_code="none"): 1,
     }
-    assert figures.named("alertgate.mde.forbidden") == {_attrs(tenant="home", channel="batchUpdate"): 1}
+    assert figures.named("alertgate.mde.forbidden") == {attrs(tenant="home", channel="batchUpdate"): 1}
     assert figures.named("alertgate.mde.call.members") == {
-        _attrs(tenant="home", channel="batchUpdate"): (3, 3)
+        attrs(tenant="home", channel="batchUpdate"): (3, 3)
     }
     assert figures.named("alertgate.chunks.ended") == {
-        _attrs(tenant="home", channel="batchUpdate", result="Failed"): 1,
-        _attrs(tenant="home", channel="batchUpdate", result="Succeeded"): 1,
-        _attrs(tenant="home", channel="none", result="Failed"): 1,
+        attrs(tenant="home", channel="batchUpdate", result="Failed"): 1,
+        attrs(tenant="home", channel="batchUpdate", result="Succeeded"): 1,
+        attrs(tenant="home", channel="none", result="Failed"): 1,
     }
-    assert figures.named("alertgate.poison.messages") == {_attrs(tenant="home", queue="chunks"): 1}
-    events = figures.events()
+    assert figures.named("alertgate.poison.messages") == {attrs(tenant="home", queue="chunks"): 1}
+    events = {str(e["operationId"]): e for e in figures.events()}
     assert {k: (e["status"], e["errorCode"]) for k, e in events.items()} == {
         refused: ("Failed", "Forbidden"),
         blocked: ("Succeeded", "none"),
@@ -149,7 +113,7 @@ async def test_a_run_with_a_403_a_429_and_a_poison_message_gives_exact_figures(
 
 
 async def test_the_snapshot_gauges_read_budget_backlog_and_queues(
-    running: tuple[Runtime, Figures], ctl: EmulatorControl
+    running: tuple[Runtime, Otel], ctl: EmulatorControl
 ) -> None:
     runtime, figures = running
     await ctl.add_faults([{"status": 429, "retryAfter": 30}])
@@ -158,21 +122,17 @@ async def test_the_snapshot_gauges_read_budget_backlog_and_queues(
     backlog = await snapshot(runtime, time.time())
 
     assert backlog == {"home": 1}
-    assert figures.named("alertgate.backlog.pending") == {_attrs(tenant="home"): 1}
+    assert figures.named("alertgate.backlog.pending") == {attrs(tenant="home"): 1}
     [age] = figures.named("alertgate.backlog.oldest_age").values()
     assert 0 <= age < 30
     used = figures.named("alertgate.budget.used")
-    assert used == {_attrs(tenant="home", channel="batchUpdate", window="600", limit=2000): 1}
+    assert used == {attrs(tenant="home", channel="batchUpdate", window="600", limit=2000): 1}
     depths = figures.named("alertgate.queue.depth")
-    assert depths[_attrs(queue=runtime.settings.chunks_queue)] == 1
-    assert depths[_attrs(queue=f"{runtime.settings.requests_queue}-poison")] == 0
+    assert depths[attrs(queue=runtime.settings.chunks_queue)] == 1
+    assert depths[attrs(queue=f"{runtime.settings.requests_queue}-poison")] == 0
 
 
 async def _operation(runtime: Runtime, operation_id: str) -> Any:
     operation = await runtime.home.ledger.operation(operation_id)
     assert operation is not None
     return operation
-
-
-def _attrs(**values: Any) -> frozenset[tuple[str, Any]]:
-    return frozenset(values.items())

@@ -6,14 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 
 from shared.channels.base import CallKind, CallResult
 from shared.ledger import ChunkResult, Ledger
@@ -24,62 +19,19 @@ from shared.telemetry import (
     CUSTOM_EVENT_NAME,
     OPERATION_ENDED,
     EndWatcher,
-    Telemetry,
     call_outcome,
 )
+from tests.otel import Otel, attrs
 from tests.unit.upstream_fakes import ID1, ID2, ManualClock, answer, build, not_sent, unknown
 
 ID3 = "da637551227677560813_-961444813"
 
-Key = tuple[str, frozenset[tuple[str, Any]]]
-
-
-@dataclass
-class Otel:
-    telemetry: Telemetry
-    reader: InMemoryMetricReader
-    logs: InMemoryLogRecordExporter
-
-    def figures(self) -> dict[Key, Any]:
-        """Every data point by (metric name, attributes): a sum's value, a gauge's last value, a
-        histogram's (count, sum)."""
-        data = self.reader.get_metrics_data()
-        found: dict[Key, Any] = {}
-        if data is None:
-            return found
-        for resource in data.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    for point in metric.data.data_points:
-                        key = (metric.name, frozenset((point.attributes or {}).items()))
-                        if isinstance(point, HistogramDataPoint):
-                            found[key] = (point.count, point.sum)
-                        else:
-                            assert isinstance(point, NumberDataPoint)
-                            found[key] = point.value
-        return found
-
-    def named(self, name: str) -> dict[frozenset[tuple[str, Any]], Any]:
-        return {attrs: value for (metric, attrs), value in self.figures().items() if metric == name}
-
-    def events(self) -> list[dict[str, Any]]:
-        return [dict(item.log_record.attributes or {}) for item in self.logs.get_finished_logs()]
-
 
 @pytest.fixture
 def otel() -> Iterator[Otel]:
-    reader = InMemoryMetricReader()
-    meters = MeterProvider(metric_readers=[reader])
-    exporter = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
-    loggers = LoggerProvider()
-    loggers.add_log_record_processor(SimpleLogRecordProcessor(exporter))
-    yield Otel(Telemetry(meters, loggers), reader, exporter)
-    meters.shutdown()
-    loggers.shutdown()
-
-
-def attrs(**values: Any) -> frozenset[tuple[str, Any]]:
-    return frozenset(values.items())
+    recorded = Otel()
+    yield recorded
+    recorded.shutdown()
 
 
 @pytest.mark.parametrize(
