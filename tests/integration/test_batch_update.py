@@ -19,6 +19,8 @@ from tests.integration.helpers import post, sent_bodies, wait_for_operation
 
 IDS = [f"da6373997940502735{i:02d}_{1000 + i}" for i in range(10)]
 MDE_RESOURCE = "https://api.securitycenter.microsoft.com"
+# A synchronous wait long enough for several calls on a busy 2-core machine (the default test host waits 2 s).
+BUSY_WAIT = "15"
 
 
 async def test_microsoft_example_is_forwarded_exactly(hosts: HostPool, ctl: EmulatorControl, http) -> None:
@@ -96,7 +98,10 @@ async def test_enum_overrides_change_the_outbound_spelling(
 async def test_chunks_hold_at_most_the_configured_number_of_ids(
     hosts: HostPool, ctl: EmulatorControl, http
 ) -> None:
-    url = hosts.url("/api/alerts/batchUpdate", DEFENDER_MAX_ALERTS_PER_CALL="2")
+    # several calls in one synchronous wait: room for a busy machine, or the rest goes on after the test
+    url = hosts.url(
+        "/api/alerts/batchUpdate", DEFENDER_MAX_ALERTS_PER_CALL="2", SYNC_MAX_WAIT_SECONDS=BUSY_WAIT
+    )
     status, _, body = await post(http, url, {"alertIds": IDS[:5], "status": "Resolved"})
     assert status == 200, body
     sent = sent_bodies(await ctl.calls())
@@ -108,7 +113,10 @@ async def test_chunks_hold_at_most_the_configured_number_of_ids(
 async def test_maximum_batch_size_exceeded_splits_and_is_remembered(
     hosts: HostPool, ctl: EmulatorControl, http
 ) -> None:
-    url = hosts.url("/api/alerts/batchUpdate", DEFENDER_MAX_ALERTS_PER_CALL="10")
+    # four calls and a split in one synchronous wait: room for a busy machine, or the rest of the request
+    # goes on after the test and takes the next test's scripted fault
+    settings = {"DEFENDER_MAX_ALERTS_PER_CALL": "10", "SYNC_MAX_WAIT_SECONDS": BUSY_WAIT}
+    url = hosts.url("/api/alerts/batchUpdate", **settings)
     await ctl.configure(maxBatch=3)
     status, _, body = await post(http, url, {"alertIds": IDS[:7], "status": "Resolved"})
     assert status == 200, body
@@ -121,7 +129,7 @@ async def test_maximum_batch_size_exceeded_splits_and_is_remembered(
     later = (await ctl.calls())[4:]
     assert [c["status"] for c in later] == [200, 200, 200]
     assert sorted(i for b in sent_bodies(later) for i in b["alertIds"]) == sorted(IDS[3:10])
-    async with http.get(hosts.url("/api/health", DEFENDER_MAX_ALERTS_PER_CALL="10")) as response:
+    async with http.get(hosts.url("/api/health", **settings)) as response:
         assert (await response.json())["defender"]["maxAlertsPerCall"] == 3
 
 
