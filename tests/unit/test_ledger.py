@@ -24,6 +24,7 @@ from shared.ledger import (
     seq_key,
 )
 from tests.fakes import MemoryTable
+from tests.unit.upstream_fakes import TappedStore
 
 RESOLVE = {"status": "Resolved"}
 T0 = 1_700_000_000.0
@@ -196,6 +197,113 @@ async def test_a_view_out_of_date_falls_back_to_an_ordinary_accept() -> None:
     assert chunk.state == PendingState.PENDING
     blocker = (await ledger.view_ahead_of(chunk)).blocker(chunk)
     assert blocker is not None and blocker.chunk_id == theirs.chunk_id
+
+
+# --- accepts that arrive together (group commit) -------------------------------------------------------
+
+
+def held_rig() -> tuple[Ledger, TappedStore, asyncio.Event]:
+    """A ledger whose next transaction waits for the returned event: accepts made meanwhile queue up."""
+    table = TappedStore(MemoryTable("alertgateOperations"))
+    gate = asyncio.Event()
+    table.before("transact", gate.wait)
+    return Ledger(table, Clock()), table, gate
+
+
+async def settle_tasks() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_accepts_made_while_one_is_written_go_together_in_the_next_transaction() -> None:
+    ledger, table, gate = held_rig()
+    first = asyncio.ensure_future(ledger.accept(plan(("a0",))))
+    await settle_tasks()  # its transaction is held; these five wait for it
+    rest = [asyncio.ensure_future(ledger.accept(plan((f"a{n}",), (f"b{n}",)))) for n in range(1, 6)]
+    await settle_tasks()
+    gate.set()
+
+    accepted = [await first, *[await task for task in rest]]
+
+    assert table.counts["transact"] == 2  # one for the first, one for the five that waited
+    seqs = [seq for operation, _ in accepted for seq in range(operation.first_seq, operation.last_seq + 1)]
+    assert seqs == list(range(1, 12))  # numbered in the order they arrived, no gap
+    for operation, chunks in accepted:
+        assert [c.seq for c in chunks] == list(range(operation.first_seq, operation.last_seq + 1))
+        for chunk in chunks:  # each chunk's ETag is the stored one
+            assert entity(table.inner, chunk.pending_key).metadata["etag"] == chunk.etag
+        assert entity(table.inner, f"o-{operation.operation_id}")["AlertCount"] == operation.alert_count
+    assert entity(table.inner, COUNTER)["Next"] == 12
+    _, (next_chunk,) = await ledger.accept(plan(("c1",)))
+    assert next_chunk.seq == 12  # the cached counter is the group's
+
+
+async def test_one_request_accepted_before_fails_alone_and_the_others_of_its_group_are_accepted() -> None:
+    ledger, table, gate = held_rig()
+    gate.set()
+    again = plan(("a1",))
+    await ledger.accept(again)
+    gate.clear()
+    table.before("transact", gate.wait)
+    holder = asyncio.ensure_future(ledger.accept(plan(("a0",))))
+    await settle_tasks()
+    group = [asyncio.ensure_future(ledger.accept(p)) for p in (plan(("a2",)), again, plan(("a3",)))]
+    await settle_tasks()
+    gate.set()
+
+    await holder
+    results = await asyncio.gather(*group, return_exceptions=True)
+
+    assert isinstance(results[1], AlreadyAccepted)
+    (op_a, _), (op_b, _) = results[0], results[2]  # type: ignore[misc]
+    assert (op_a.first_seq, op_b.first_seq) == (3, 4)  # the group failed as one; each went alone
+    assert entity(table.inner, COUNTER)["Next"] == 5
+
+
+async def test_in_a_group_only_a_view_of_this_counter_clear_of_earlier_members_starts_sending() -> None:
+    ledger, table, gate = held_rig()
+    gate.set()
+    taken = plan(("a0",))
+    await ledger.accept(taken)
+    views = [await ledger.look_ahead(ids) for ids in (["a1"], ["a1", "a2"], ["a3"])]
+    assert all(v is not None and not v.blocked for v in views)
+    gate.clear()
+    table.before("transact", gate.wait)
+    # the held transaction fails (accepted before), so the counter the views were read against stays
+    failing = asyncio.ensure_future(ledger.accept(taken))
+    await settle_tasks()
+    group = [
+        asyncio.ensure_future(ledger.accept(plan(tuple(ids)), view))
+        for ids, view in zip((["a1"], ["a1", "a2"], ["a3"]), views, strict=True)
+    ]
+    await settle_tasks()
+    gate.set()
+
+    with pytest.raises(AlreadyAccepted):
+        await failing
+    states = [chunks[0].state for _, chunks in await asyncio.gather(*group)]
+
+    # the second shares a1 with the first of its group: it waits its turn
+    assert states == [PendingState.SENDING, PendingState.PENDING, PendingState.SENDING]
+    assert [stored_chunk(table.inner, c.pending_key).state for _, (c,) in await asyncio.gather(*group)] == states
+
+
+async def test_a_waiting_accept_cancelled_before_its_turn_writes_nothing() -> None:
+    ledger, table, gate = held_rig()
+    first = asyncio.ensure_future(ledger.accept(plan(("a0",))))
+    await settle_tasks()
+    cancelled_plan = plan(("a1",))
+    waiting = asyncio.ensure_future(ledger.accept(cancelled_plan))
+    await settle_tasks()
+    waiting.cancel()
+    await settle_tasks()
+    gate.set()
+    await first
+
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert table.inner.peek(PARTITION, f"o-{cancelled_plan.operation_id}") is None
+    assert entity(table.inner, COUNTER)["Next"] == 2
 
 
 async def test_record_invalid_is_written_once() -> None:
