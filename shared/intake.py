@@ -92,7 +92,11 @@ class Intake:
         digest = sub.update.digest()
         for _ in range(3):
             view: OrderView | None = None
-            if sub.respond_async or not self.sender.budget_free_as_seen():
+            if (
+                sub.respond_async
+                or not self.sender.budget_free_as_seen()
+                or self.sender.gathering.is_open(sub.update.update.fields())
+            ):
                 claim = await self.keys.claim(key, digest, new_operation_id())
             else:
                 claim, view = await asyncio.gather(
@@ -197,7 +201,8 @@ class Intake:
             record.digest,
             hold_seconds=self.keys.claim_lease,
         )
-        ahead = view is not None and not view.blocked and not sub.respond_async
+        # An update an older pending one carries already rides with that one's call: no budget for it.
+        ahead = view is not None and not view.blocked and not view.identical and not sub.respond_async
         # A small update nothing pending shares goes by PATCH while PATCH has room (docs/contracts.md §7,
         # "Choices"): one alert asks PATCH beside accepting; more are split into pieces first, which the
         # ordinary path does.

@@ -35,6 +35,7 @@ a Pending chunk whose message is overdue by SWEEP_GRACE_SECONDS (re-enqueued).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -42,13 +43,14 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.channels.base import TOKEN_UNAVAILABLE, CallKind, CallResult, UpstreamError, bearer
 from shared.coalescing import MAX_MEMBERS, alert_ids_of, named_in
 from shared.errors import StorageUnavailable
+from shared.gathering import Gathering
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Denial, Grant
 
@@ -93,6 +95,12 @@ MAX_BACKOFF_SECONDS = 300.0
 WORKER_BUDGET_WAIT_SECONDS = 10.0
 STALE_GRANT_RETRY_SECONDS = 0.1
 STALE_GRANT_RETRIES = 2  # in process, before the chunk goes back to the queue
+# How long a call whose members were marked after its slot waits for a fresh slot, members still marked
+# (Sender._fresh_slot); a crash meanwhile leaves them Sending, resolved as any crash mid-call is.
+FRESH_SLOT_WAIT_SECONDS = 0.5
+# ... a slot this far ahead at least: a grant of now would be stale by the time its write came back.
+FRESH_SLOT_LEAD_SECONDS = 0.1
+FRESH_SLOT_TRIES = 3
 # How long before a reserved slot its chunk is marked Sending; the worker's grants (and a retry's after a
 # grant went stale) are at least this far ahead, so the mark never makes the call late.
 MARK_LEAD_SECONDS = 0.2
@@ -132,6 +140,9 @@ class Attempt:
     # DEFERRED without a write: the chunk's live message is sent again as it is (a chunk riding with
     # another's call must not change its entry, or that call's conditional mark of it would fail).
     keep_message: bool = False
+    # DEFERRED without a message: handed over to a call this process is gathering, whose try queues it
+    # if the call leaves it out (Sender.ride_along).
+    handed_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,9 @@ class Sender:
         self.tokens = tokens
         self.queues = queues
         self._clock = clock
+        self._trying: dict[str, int] = {}  # chunks tries in this process hold, and how many (`holding`)
+        self._gather_seconds = 0.0  # how long gathering a call's members took here lately (`trade_lead`)
+        self.gathering = Gathering()  # the calls this process gathers, and what rides them
 
     @property
     def limiter(self) -> RateLimiter:
@@ -241,6 +255,75 @@ class Sender:
         to mark the chunk Sending before its slot (the queue worker, where no caller waits, uses it; a
         retry after a grant went stale does too).
         """
+        if held is None:
+            riding = self.ride_along(chunk)
+            if riding is not None:
+                return riding
+        with self.holding(chunk.chunk_id):
+            try:
+                return await self._attempt(chunk, max_wait, held, answer_for, lead)
+            finally:
+                await self._hand_back(chunk)
+
+    @contextlib.contextmanager
+    def holding(self, chunk_id: str) -> Iterator[None]:
+        """While a try in this process holds the chunk (from the worker's read of it to the try's end), a
+        chunk whose call it would carry rides with it (`_riding`) instead of leading a call of its own."""
+        self._trying[chunk_id] = self._trying.get(chunk_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._trying[chunk_id] -= 1
+            if not self._trying[chunk_id]:
+                del self._trying[chunk_id]
+
+    def holds(self, chunk_id: str) -> bool:
+        return chunk_id in self._trying
+
+    def _open_call(self, lead: Chunk, slot: float, limit: int) -> None:
+        """`lead` leads a call that gathers identical updates, expected at `slot`: until its try ends, an
+        identical chunk accepted in this process rides it without a try of its own (`ride_along`)."""
+        self.gathering.open(lead, slot, limit)
+
+    async def _hand_back(self, lead: Chunk) -> None:
+        """`lead`'s try ends: what shared.gathering says is owed a queue message now gets it (a driver for
+        the next call of an update whose riders this call left out, or an orphan that waited too long).
+        Due at once: the worker reserves the next slot and waits for it in process (a visibility delay
+        is whole seconds, later than the slot on a short window). If a send fails, the sweep queues the chunk
+        once its message is overdue, as for any chunk whose holder died."""
+        for chunk in self.gathering.close(lead, self._clock()):
+            try:
+                await self.queues.send_chunk(chunk.chunk_id, chunk.msg_token, 0.0)
+            except Exception:
+                log.warning("chunk %s could not be queued; the sweep will", chunk.chunk_id, exc_info=True)
+
+    def sending_here(self, chunk: Chunk) -> bool:
+        """Is `chunk` marked Sending in a call a try of this process leads? That try records its outcome
+        (or, if this process dies, the sweep resolves the mark), so its queue message can go."""
+        return chunk.state == PendingState.SENDING and self.gathering.sending_here(chunk.call_id)
+
+    def ride_along(self, chunk: Chunk) -> Attempt | None:
+        """A chunk just accepted (or back from the queue) whose update a call of this process is gathering
+        rides that call without a try of its own: no read of the pending entries, no budget, no queue
+        message (shared.gathering). The call's own gathering reads decide whether it goes along. In a
+        burst of identical updates this leaves one try with reads per call instead of one per request
+        (bench.throughput, workload a). None: try it."""
+        if chunk.solo or chunk.state != PendingState.PENDING or chunk.not_before > self._clock():
+            return None
+        if not chunk.msg_token:
+            return None  # its message could not be sent for it later
+        call = self.gathering.ride(chunk)
+        if call is None:
+            return None
+        wait = max(0.0, call.slot - self._clock())
+        log.info("chunk %s rides with chunk %s's call, gathering here", chunk.chunk_id, call.lead)
+        return Attempt(
+            AttemptKind.DEFERRED, chunk, wait + RIDE_SLACK_SECONDS, expected_in=wait, handed_over=True
+        )
+
+    async def _attempt(
+        self, chunk: Chunk, max_wait: float, held: Held, answer_for: AnswerHook | None, lead: float
+    ) -> Attempt:
         ended = await self._not_yet(chunk)
         if ended is not None:
             return ended
@@ -273,12 +356,15 @@ class Sender:
             if blocked is not None:
                 return blocked
             if self._clock() - granted.at > self.max_grant_age:
-                gone_stale = await self._grant_went_stale(members, granted)
-                if gone_stale.kind is AttemptKind.DEFERRED and state.retry_after_stale_grant(
-                    gone_stale.chunk
-                ):
-                    continue
-                return gone_stale
+                fresh = await self._fresh_slot(granted)
+                if fresh is None:
+                    gone_stale = await self._grant_went_stale(members, None)
+                    if gone_stale.kind is AttemptKind.DEFERRED and state.retry_after_stale_grant(
+                        gone_stale.chunk
+                    ):
+                        continue
+                    return gone_stale
+                granted = fresh
             sending = members[0]
             result = await self.channel.send(alert_ids_of(members), sending.fields, token)
             self._observe(self.channel, result, len(members))
@@ -368,6 +454,8 @@ class Sender:
         """
         chunk = state.chunk
         coalesce = not chunk.solo and grant.at - self._clock() >= COALESCE_LEAD_SECONDS
+        if coalesce:
+            self._open_call(chunk, grant.at, await self.channel.max_alerts())
         early = grant.at - (COALESCE_MARK_LEAD_SECONDS if coalesce else MARK_LEAD_SECONDS) - self._clock()
         if early > 0:
             await asyncio.sleep(early)
@@ -375,6 +463,7 @@ class Sender:
         sending = self._sending(self.channel, call_id)
 
         view: PendingView | None = None
+        began = time.monotonic()
         for _ in range(MARK_ROUNDS if coalesce else 0):
             view = view or await self.ledger.pending_view()
             mine = next((e for e in view.entries if e.chunk_id == chunk.chunk_id), None)
@@ -384,7 +473,9 @@ class Sender:
             if not others:
                 break
             marked = await self.ledger.update_together([chunk, *others], sending)
+            self._gather_seconds = 0.5 * self._gather_seconds + 0.5 * (time.monotonic() - began)
             if marked is not None:
+                self.gathering.taken(chunk.chunk_id, marked)
                 log.info("chunk %s carries %d other chunks in call %s", chunk.chunk_id, len(others), call_id)
                 return marked
             view = None  # someone changed one of them first: read again
@@ -415,6 +506,7 @@ class Sender:
         joined = await self.ledger.update_together(extra, self._sending(self.channel, lead.call_id))
         if joined is None:
             return members
+        self.gathering.taken(lead.chunk_id, joined)
         log.info("call %s: %d more chunks joined before its slot", lead.call_id, len(joined))
         return [*members, *joined]
 
@@ -619,17 +711,17 @@ class Sender:
             return await self.limiter.reserve(0.0, lead=lead)
 
         if not state.order_checked:
-            view, grant = await asyncio.gather(
-                self.ledger.view_ahead_of(chunk, state.started), first_budget()
-            )
+            view = await self.ledger.view_ahead_of(chunk, state.started)
             state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
-                if isinstance(grant, Grant):
-                    log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
-                    await self._release(grant)
+                log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
                 return None
-        else:
-            grant = await first_budget()
+            riding = await self._riding(state, self.limiter.expected_wait())
+            if riding is not None:
+                if isinstance(state.held, Grant):
+                    await self._release(state.held)  # asked for beside accepting: the carrier's call is its
+                return riding
+        grant = await first_budget()
         if isinstance(grant, Grant):
             patch_now = await self._patch_first(state, grant)
             if patch_now is not None:
@@ -662,6 +754,7 @@ class Sender:
         if isinstance(grants, Denial):
             return None
         await self._release(grant)
+        await self._hand_back(chunk)  # a PATCH call carries no one
         return PatchGrants(grants)
 
     async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial | Attempt:
@@ -677,7 +770,7 @@ class Sender:
         if view.carried_by(state.chunk, await self.channel.max_alerts()) is not None:
             await self._release(grant)
             riding = await self._riding(state, 0.0)
-            return riding or await self.limiter.reserve(state.max_wait, lead=state.lead)
+            return riding or await self.limiter.reserve(state.max_wait, lead=max(state.lead, self.trade_lead))
         if not await self.ledger.identical_waiting_after(state.chunk, state.started):
             if self._clock() - grant.at <= self.max_grant_age / 2:
                 return grant
@@ -685,33 +778,45 @@ class Sender:
             await self._release(grant)
             return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
         await self._release(grant)
-        return await self.limiter.reserve(state.max_wait, lead=max(state.lead, TRADE_LEAD_SECONDS))
+        self._open_call(state.chunk, self._clock() + self.trade_lead, await self.channel.max_alerts())
+        return await self.limiter.reserve(state.max_wait, lead=max(state.lead, self.trade_lead))
 
     async def _riding(self, state: _Try, batch_wait: float) -> Attempt | None:
-        """With batchUpdate's budget spent, a chunk that an older waiting identical update's call will
-        carry (shared.coalescing: the oldest leads) reserves no slot of its own: a slot per waiting
-        chunk would be spent, or wasted, by each chunk the first call takes along. It looks again once
-        that call's slot should have come; if the call did not take it (full), it leads the next."""
+        """A chunk whose update an older waiting chunk's call will carry (shared.coalescing: the oldest
+        leads) reserves no slot of its own: a slot per waiting chunk would be spent, or wasted, by each
+        chunk the first call takes along. It looks again once that call's slot should have come; if the
+        call did not take it (full), it leads the next. Only while that call is coming: a call this
+        process is gathering (`ride_along`), or a carrier whose try is held here or due within the wait
+        (its queue message). Otherwise nothing drives the carrier's call soon, so this chunk leads, and
+        its call takes the older ones along (`PendingView.members_for`). None: it leads (a call of
+        this process gathering its update from now on, `_open_call`)."""
         if state.chunk.solo:
             return None
+        along = self.ride_along(state.chunk)
+        if along is not None:
+            return along
         if state.view is None:
             state.view = await self.ledger.view_ahead_of(state.chunk, state.started)
-        carrier = state.view.carried_by(state.chunk, await self.channel.max_alerts())
-        if carrier is None:
+        limit = await self.channel.max_alerts()
+        along = self.ride_along(state.chunk)  # again: another try may have opened one meanwhile
+        if along is not None:
+            return along
+        due_by = self._clock() + batch_wait + RIDE_SLACK_SECONDS
+        carrier = state.view.carried_by(state.chunk, limit)
+        if carrier is None or (carrier.msg_due_at > due_by and not self.holds(carrier.chunk_id)):
+            self._open_call(state.chunk, self._clock() + max(batch_wait, self.trade_lead), limit)
             return None
-        if carrier.msg_due_at > self._clock() + batch_wait:
-            await self._bring_forward(carrier, batch_wait)
         delay = batch_wait + RIDE_SLACK_SECONDS
         log.info("chunk %s rides with chunk %s's call", state.chunk.chunk_id, carrier.chunk_id)
         return Attempt(AttemptKind.DEFERRED, state.chunk, delay, expected_in=batch_wait, keep_message=True)
 
-    async def _bring_forward(self, carrier: Chunk, batch_wait: float) -> None:
-        """The chunk whose call would carry others tries again now, not when its message is due (it was
-        held by a synchronous caller, or put back for a while): it must lead by the slot. If another try
-        brought it forward first, or it changed, nothing is done."""
-        current = await self.ledger.pending_chunk(carrier.chunk_id)
-        if current is not None and current.state == PendingState.PENDING:
-            await self.schedule(current, 0.0, batch_wait)
+    @property
+    def trade_lead(self) -> float:
+        """How far ahead a call that gathers members reserves its slot: TRADE_LEAD_SECONDS, or twice what
+        gathering took here lately if that is more (a read of the backlog and a transaction of up to a
+        hundred rows take far longer on a busy instance, and a call marked after its slot must find
+        another)."""
+        return max(TRADE_LEAD_SECONDS, self._gather_seconds)
 
     async def _patch_grants(self, state: _Try, batch_wait: float) -> PatchGrants | Denial | None:
         """PATCH grants for each of the chunk's alerts, if it should go that way (docs/contracts.md §7):
@@ -730,7 +835,10 @@ class Sender:
         if within < 0:
             return None
         grants = await self.patch.limiter.reserve_many(len(chunk.alert_ids), within, lead=state.lead)
-        return grants if isinstance(grants, Denial) else PatchGrants(grants)
+        if isinstance(grants, Denial):
+            return grants
+        await self._hand_back(chunk)  # a PATCH call carries no one
+        return PatchGrants(grants)
 
     @property
     def max_grant_age(self) -> float:
@@ -745,13 +853,42 @@ class Sender:
         margin = self.settings.rate_limit_safety_margin_seconds
         return margin / 2 if margin > 0 else float("inf")
 
+    async def _fresh_slot(self, grant: Grant) -> Grant | None:
+        """The call's members were marked after its slot had passed (marking a hundred of them on a busy
+        instance can take longer than the lead it was given): the stale grant goes back and the marked
+        call takes a slot FRESH_SLOT_LEAD_SECONDS ahead, within FRESH_SLOT_WAIT_SECONDS, keeping its
+        marks, up to FRESH_SLOT_TRIES times (a busy event loop can wake late for the slot too). Giving
+        the members back instead costs a transaction and a message each, which on a busy instance made
+        the next try's marks late as well (bench.throughput, workload a). A fresh grant that is still
+        fresh, or None (every grant was given back)."""
+        log.info("call: grant too old when its call would start; taking a fresh slot")
+        stale: Grant = grant
+        for _ in range(FRESH_SLOT_TRIES):
+            await self._release(stale)  # no call was made: the budget goes back
+            try:
+                fresh = await self.limiter.reserve(FRESH_SLOT_WAIT_SECONDS, lead=FRESH_SLOT_LEAD_SECONDS)
+            except Exception:
+                log.warning("no fresh slot for a call whose grant went stale", exc_info=True)
+                return None
+            if isinstance(fresh, Denial):
+                return None
+            slot = await self.limiter.wait_for(fresh)
+            if not isinstance(slot, Grant):
+                return None
+            if self._clock() - slot.at <= self.max_grant_age:
+                return slot
+            stale = slot
+        await self._release(stale)
+        return None
+
     async def _grant_went_stale(
-        self, members: list[Chunk], grant: Grant, channel: Channel | None = None
+        self, members: list[Chunk], grant: Grant | None, channel: Channel | None = None
     ) -> Attempt:
         sending = members[0]
         log.info("chunk %s: grant too old when its call would start; trying again", sending.chunk_id)
         pending = await self._give_back(members, STALE_GRANT_RETRY_SECONDS)
-        await self._release(grant, channel)  # no call was made: the budget goes back
+        if grant is not None:
+            await self._release(grant, channel)  # no call was made: the budget goes back
         if pending is None:
             return Attempt(AttemptKind.LOST, sending)
         return Attempt(AttemptKind.DEFERRED, pending, STALE_GRANT_RETRY_SECONDS)
@@ -1073,6 +1210,9 @@ class Sender:
     async def follow_up(self, attempt: Attempt) -> list[Chunk]:
         """After a try that did not finish the chunk, make sure its next try is queued. Returns the chunks
         as they are now (the pieces of a split chunk), for the answer a caller gets."""
+        if attempt.kind is AttemptKind.DEFERRED and attempt.handed_over:
+            expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)
+            return [dataclasses.replace(attempt.chunk, expected_at=expected)]  # for the answer only
         if attempt.kind is AttemptKind.DEFERRED and attempt.keep_message and attempt.chunk.msg_token:
             await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
             expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)

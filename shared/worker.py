@@ -34,11 +34,17 @@ class Worker:
 
     async def on_message(self, chunk_id: str, token: str) -> str:
         """Handle one chunks-queue message; never raises for a state it can resolve. Returns what it did."""
+        with self.sender.holding(chunk_id):
+            return await self._on_message(chunk_id, token)
+
+    async def _on_message(self, chunk_id: str, token: str) -> str:
         chunk = await self.sender.ledger.pending_chunk(chunk_id)
         if chunk is None:
             return "gone"  # finished or split: nothing to do
         if chunk.msg_token != token:
             return "stale-message"
+        if self.sender.sending_here(chunk):
+            return "in-flight-here"  # that try records it; were this process to die, the sweep would
         if chunk.state == PendingState.SENDING:
             age = self._clock() - chunk.sending_since
             if age < self.sender.sending_lease:

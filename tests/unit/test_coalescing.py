@@ -11,6 +11,9 @@ every member to the outcome-unknown rule.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from shared.channels.base import CallResult
@@ -603,3 +606,101 @@ async def test_concurrent_tries_share_one_read_of_the_pending_entries(clock: Man
     assert [e.chunk_id for e in ahead_of_second.entries] == [first.chunk_id, second.chunk_id]
     await rig.ledger.view_ahead_of(second)  # no `since`: a read of its own
     assert rig.operations.counts["query"] - before == 2
+
+
+# --- riding along a call this process gathers (shared.gathering) ------------------------------------------
+
+
+async def test_an_identical_chunk_accepted_while_a_call_gathers_rides_it_without_a_try(
+    clock: ManualClock,
+) -> None:
+    rig = await scarce(clock)
+    [lead] = await one_each(rig, 1)
+    rode: list[object] = []
+
+    async def another_request_arrives() -> None:
+        [rider] = await one_each(rig, 2)
+        reads = rig.operations.counts["query"]
+        rode.append(await rig.sender.attempt(rider, max_wait=0.5))
+        rode.append(rig.operations.counts["query"] - reads)
+
+    rig.operations.before("query", another_request_arrives, skip=1)  # just before the call gathers
+
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
+
+    riding, reads_of_its_own = rode
+    assert isinstance(riding, type(attempt)) and riding.kind is AttemptKind.DEFERRED and riding.handed_over
+    assert reads_of_its_own == 0  # no read of the backlog, no budget: the gathering call decides
+    assert rig.queues.chunks == []  # no message: the call carries it, so none is owed
+    assert attempt.chunk.state == ChunkResult.SUCCEEDED
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2))]
+    assert await rig.budget_log() == [START + 10]
+
+
+async def test_a_rider_the_call_leaves_out_is_queued_to_lead_the_next_when_the_try_ends(
+    clock: ManualClock,
+) -> None:
+    rig = await scarce(clock)
+    await one_each(rig, 2, fields=OTHER)  # an earlier update of alert 2: a rider on it must wait
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+
+    async def a_request_on_alert_2_arrives() -> None:
+        [rider] = await one_each(rig, 2)
+        riders.append(rider)
+        assert (await rig.sender.attempt(rider, max_wait=0.5)).handed_over
+
+    rig.operations.before("query", a_request_on_alert_2_arrives, skip=1)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+
+    [rider] = riders
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),)]  # per-alert order kept it out
+    [sent] = rig.queues.chunks
+    assert (sent.chunk_id, sent.token, sent.delay) == (rider.chunk_id, rider.msg_token, 0.0)
+    assert (await stored(rig, rider)).state == PendingState.PENDING
+
+
+async def test_a_call_marked_after_its_slot_takes_a_fresh_slot_and_keeps_its_members(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "1/10", "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "1"})
+    await spend_batch_budget(rig)  # the next slot is START + 11 (the window plus the margin)
+    lead, member = await one_each(rig, 1, 2)
+
+    async def marking_is_slow() -> None:
+        clock.advance(2.0)  # a busy instance: the mark lands well after the slot
+
+    rig.operations.before("transact", marking_is_slow)
+
+    attempt = await rig.sender.attempt(lead, max_wait=WAIT)
+
+    assert attempt.kind is AttemptKind.FINISHED
+    [call] = rig.calls
+    assert call.alert_ids == (alert(1), alert(2))
+    assert call.at > START + 11 + 1  # not at the stale slot, whose grant was 1 s old and more
+    assert await rig.budget_log() == [pytest.approx(call.at, abs=0.01)]  # the stale slot went back
+    assert rig.queues.chunks == []  # the members kept their marks: none given back and queued again
+    assert (await stored(rig, member)).state == ChunkResult.SUCCEEDED
+
+
+async def test_tries_whose_read_started_before_them_share_the_next_read(clock: ManualClock) -> None:
+    rig = build(clock)
+    await one_each(rig, 1, 2, 3)
+    gate = asyncio.Event()
+    rig.operations.before("query", gate.wait)
+    first = asyncio.ensure_future(rig.ledger.view_ahead_of((await one_each(rig, 4))[0], time.monotonic()))
+    await asyncio.sleep(0)
+    later = [
+        asyncio.ensure_future(rig.ledger.view_ahead_of(chunk, time.monotonic()))
+        for chunk in await one_each(rig, 5, 6, 7)
+    ]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    reads_while_held = rig.operations.counts["query"]
+    gate.set()
+    views = [await first, *[await view for view in later]]
+
+    assert reads_while_held == 1  # the held read; the three later tries wait for the next one
+    assert rig.operations.counts["query"] == 2  # one more read, shared by all three
+    assert [len(v.entries) for v in views] == [4, 5, 6, 7]  # each sees everything accepted before it
