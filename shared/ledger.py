@@ -674,17 +674,30 @@ class Ledger:
                 if self._next_light is None:
                     self._next_light = asyncio.ensure_future(self._light_after(shared[1]))
                 return await asyncio.shield(self._next_light)
-        return await asyncio.shield(self._start_light())
+        return await self._read_shared()
 
-    def _start_light(self) -> asyncio.Future[list[Chunk]]:
-        read = asyncio.ensure_future(self._read_light())
-        self._light_read = (time.monotonic(), read)
-        return read
+    async def _read_shared(self) -> list[Chunk]:
+        """A read made by the caller itself (at once: the synchronous path sends it beside claiming the
+        key, and a task of its own would send it a loop turn later), which later tries may join."""
+        joined: asyncio.Future[list[Chunk]] = asyncio.get_running_loop().create_future()
+        self._light_read = (time.monotonic(), joined)
+        try:
+            entries = await self._read_light()
+        except Exception as exc:
+            joined.set_exception(exc)
+            joined.exception()  # the caller raises it; joiners, if any, see it too
+            raise
+        except BaseException:
+            joined.set_exception(StorageUnavailable("the shared read of the pending entries was cancelled"))
+            joined.exception()
+            raise
+        joined.set_result(entries)
+        return entries
 
     async def _light_after(self, previous: asyncio.Future[list[Chunk]]) -> list[Chunk]:
         await asyncio.wait([previous])
         self._next_light = None
-        return await self._start_light()
+        return await self._read_shared()
 
     async def _read_light(self) -> list[Chunk]:
         entities = await self._table.query(

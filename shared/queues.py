@@ -113,6 +113,12 @@ async def _send(client: QueueClient, content: str, delay: float) -> None:
     await with_retries(f"send to queue {client.queue_name}", send)
 
 
+def visible_after(seconds: float) -> float:
+    """When a message sent with this delay becomes visible, in seconds from now: Storage counts whole
+    seconds, so a tenth of a second is a second (what a chunk's message is due at must say so)."""
+    return float(_delay(seconds) or 0)
+
+
 def _delay(seconds: float) -> int | None:
     """Whole seconds (Storage's unit), rounded up so a message never comes back early."""
     if seconds <= 0:

@@ -478,6 +478,31 @@ class RateLimiter:
             self._check_contention(conflicts, loop.time(), give_up)
             await asyncio.sleep(conflict_jitter(conflicts))
 
+    async def move(self, grant: Grant, max_wait: float = 0.0, *, lead: float = 0.0) -> Grant | Denial:
+        """Move a grant whose call has not started to the earliest slot at least `lead` seconds from now
+        and within `max_wait` after that, its own slot freed first: one conditional write, so no other
+        caller takes the freed slot in between (a release and a new reservation would leave that
+        window). A Denial writes nothing: the grant stays in the log, and the caller releases it.
+
+        For a call whose members were marked only after its slot had passed (Sender._fresh_slot): the
+        late call goes at a slot of its own instead of at a time the log never counted."""
+        if not (math.isfinite(max_wait) and max_wait >= 0):
+            raise ValueError("max_wait must be a finite number of seconds, at least 0")
+        old_ms = round(grant.at * 1000)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline, give_up = started + max_wait, started + self.CONTENTION_GRACE_SECONDS
+        conflicts = 0
+        while True:
+            async with self._lock:
+                outcome = await self._try_move(old_ms, deadline, lead)
+            if outcome is not None:
+                break
+            conflicts += 1
+            self._check_contention(conflicts, loop.time(), give_up)
+            await asyncio.sleep(conflict_jitter(conflicts))
+        return outcome if isinstance(outcome, Denial) else Grant(outcome / 1000)
+
     async def block(self, seconds: float) -> None:
         """MDE answered 429 with Retry-After `seconds`: no instance may call before it (+ margin) passes.
 
@@ -539,6 +564,23 @@ class RateLimiter:
         if not await self._write(log_ms, state.blocked_until_ms, state.etag):
             return None
         return slot_ms, now_ms
+
+    async def _try_move(self, old_ms: int, deadline: float, lead: float) -> int | Denial | None:
+        """The moved grant's slot in epoch ms if written, a Denial, or None = lost to a 412."""
+        state = await self._state()
+        log_ms = list(state.log_ms)
+        if old_ms in log_ms:
+            log_ms.remove(old_ms)
+        now_ms = self._now_ms()
+        earliest_ms = now_ms + math.ceil(lead * 1000)
+        slot_ms = next_slot(log_ms, state.blocked_until_ms, earliest_ms, self._windows, self._margin)
+        wait = (slot_ms - earliest_ms) / 1000
+        if wait > 0 and wait > deadline - asyncio.get_running_loop().time():
+            return Denial(wait)
+        log_ms = record_grant(log_ms, slot_ms, self._windows, self._margin, now_ms=now_ms)
+        if not await self._write(log_ms, state.blocked_until_ms, state.etag):
+            return None
+        return slot_ms
 
     async def _try_block(self, seconds: float) -> bool:
         """Move BlockedUntil later if needed; False = lost to a 412."""

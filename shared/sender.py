@@ -52,6 +52,7 @@ from shared.coalescing import MAX_MEMBERS, alert_ids_of, named_in
 from shared.errors import StorageUnavailable
 from shared.gathering import Gathering
 from shared.ledger import Chunk, ChunkResult, PendingState
+from shared.queues import visible_after
 from shared.ratelimit import Denial, Grant
 
 if TYPE_CHECKING:
@@ -786,10 +787,11 @@ class Sender:
         leads) reserves no slot of its own: a slot per waiting chunk would be spent, or wasted, by each
         chunk the first call takes along. It looks again once that call's slot should have come; if the
         call did not take it (full), it leads the next. Only while that call is coming: a call this
-        process is gathering (`ride_along`), or a carrier whose try is held here or due within the wait
-        (its queue message). Otherwise nothing drives the carrier's call soon, so this chunk leads, and
-        its call takes the older ones along (`PendingView.members_for`). None: it leads (a call of
-        this process gathering its update from now on, `_open_call`)."""
+        process is gathering (`ride_along`), or a carrier whose queue message is due within the wait
+        (its try will lead). A carrier a try of this process holds without gathering a call goes
+        alone or by PATCH, and one whose message is not due soon leaves nothing driving its call: then
+        this chunk leads, and its call takes the older ones along (`PendingView.members_for`). None: it
+        leads (a call of this process gathering its update from now on, `_open_call`)."""
         if state.chunk.solo:
             return None
         along = self.ride_along(state.chunk)
@@ -803,7 +805,7 @@ class Sender:
             return along
         due_by = self._clock() + batch_wait + RIDE_SLACK_SECONDS
         carrier = state.view.carried_by(state.chunk, limit)
-        if carrier is None or (carrier.msg_due_at > due_by and not self.holds(carrier.chunk_id)):
+        if carrier is None or carrier.msg_due_at > due_by or self.holds(carrier.chunk_id):
             self._open_call(state.chunk, self._clock() + max(batch_wait, self.trade_lead), limit)
             return None
         delay = batch_wait + RIDE_SLACK_SECONDS
@@ -855,30 +857,29 @@ class Sender:
 
     async def _fresh_slot(self, grant: Grant) -> Grant | None:
         """The call's members were marked after its slot had passed (marking a hundred of them on a busy
-        instance can take longer than the lead it was given): the stale grant goes back and the marked
-        call takes a slot FRESH_SLOT_LEAD_SECONDS ahead, within FRESH_SLOT_WAIT_SECONDS, keeping its
-        marks, up to FRESH_SLOT_TRIES times (a busy event loop can wake late for the slot too). Giving
-        the members back instead costs a transaction and a message each, which on a busy instance made
-        the next try's marks late as well (bench.throughput, workload a). A fresh grant that is still
-        fresh, or None (every grant was given back)."""
-        log.info("call: grant too old when its call would start; taking a fresh slot")
+        instance can take longer than the lead it was given): the stale grant is moved to a slot
+        FRESH_SLOT_LEAD_SECONDS ahead, within FRESH_SLOT_WAIT_SECONDS, in one write
+        (RateLimiter.move), and the call keeps its marks, up to FRESH_SLOT_TRIES times (a busy event
+        loop can wake late for the slot too). Giving the members back instead costs a transaction and
+        a message each, which on a busy instance made the next call late as well (bench.throughput,
+        workload a). A grant that is still fresh, or None (the grant given back)."""
+        log.info("call: grant too old when its call would start; moving it to a fresh slot")
         stale: Grant = grant
         for _ in range(FRESH_SLOT_TRIES):
-            await self._release(stale)  # no call was made: the budget goes back
             try:
-                fresh = await self.limiter.reserve(FRESH_SLOT_WAIT_SECONDS, lead=FRESH_SLOT_LEAD_SECONDS)
+                moved = await self.limiter.move(stale, FRESH_SLOT_WAIT_SECONDS, lead=FRESH_SLOT_LEAD_SECONDS)
             except Exception:
-                log.warning("no fresh slot for a call whose grant went stale", exc_info=True)
-                return None
-            if isinstance(fresh, Denial):
-                return None
-            slot = await self.limiter.wait_for(fresh)
+                log.warning("a call whose grant went stale could not move it", exc_info=True)
+                return None  # its budget stays spent: the stale grant is not known to be gone
+            if isinstance(moved, Denial):
+                break
+            slot = await self.limiter.wait_for(moved)
             if not isinstance(slot, Grant):
-                return None
+                return None  # a 429 block came up: the moved slot goes unused (only budget wasted)
             if self._clock() - slot.at <= self.max_grant_age:
                 return slot
             stale = slot
-        await self._release(stale)
+        await self._release(stale)  # no call was made: the budget goes back
         return None
 
     async def _grant_went_stale(
@@ -1200,7 +1201,7 @@ class Sender:
         token, now = uuid.uuid4().hex, self._clock()
         expected = now + max(delay, expected_in if expected_in is not None else delay)
         owned = await self.ledger.update_pending(
-            chunk, msg_token=token, msg_due_at=now + delay, expected_at=expected
+            chunk, msg_token=token, msg_due_at=now + visible_after(delay), expected_at=expected
         )
         if owned is None:
             return None

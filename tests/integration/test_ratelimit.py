@@ -462,6 +462,38 @@ async def test_release_gives_an_unused_grant_back(instance: MakeLimiter, table: 
     assert isinstance(await a.acquire(), Denial)  # the window is full again: the limit still holds
 
 
+async def test_move_frees_a_grant_s_slot_and_takes_the_next_in_one_write(
+    instance: MakeLimiter, table: TableClient
+) -> None:
+    """A call marked after its slot moves its grant (Sender._fresh_slot): the old entry leaves and the
+    new one is written together, so the window stays full for every other caller meanwhile; with no slot
+    in the wait allowed nothing is written and the old entry stays for the caller to release."""
+    clock = FakeClock(0)
+    start = math.floor(time.time() * 1000)
+    windows = [RateWindow(2, 10)]
+    a = instance(windows, 0.0, clock=clock)
+    other = instance(windows, 0.0, clock=clock)
+    set_ms(clock, start)
+    stale = await a.acquire()
+    set_ms(clock, start + 5)
+    assert isinstance(await other.acquire(), Grant)
+    set_ms(clock, start + 300)
+
+    moved = await a.move(stale, 0.5, lead=0.1) if isinstance(stale, Grant) else None
+
+    assert isinstance(moved, Grant) and moved.at == (start + 400) / 1000
+    log, etag = await stored(table)
+    assert log == [start + 5, start + 400]  # the old entry gone, the new one in: still two
+    assert isinstance(await other.acquire(), Denial)  # no gap for anyone else
+
+    await other.block(5.0)  # a 429: no slot within the wait
+    blocked = await stored(table)
+    denied = await a.move(moved, 0.5, lead=0.1)
+    assert isinstance(denied, Denial)
+    assert await stored(table) == blocked  # nothing written: the grant is still there to release
+    assert log == blocked[0] and etag != blocked[1]
+
+
 async def test_a_lead_puts_the_slot_that_far_ahead_and_max_wait_counts_after_it(
     instance: MakeLimiter, table: TableClient
 ) -> None:
