@@ -285,7 +285,9 @@ async def test_in_a_group_only_a_view_of_this_counter_clear_of_earlier_members_s
 
     # the second shares a1 with the first of its group: it waits its turn
     assert states == [PendingState.SENDING, PendingState.PENDING, PendingState.SENDING]
-    assert [stored_chunk(table.inner, c.pending_key).state for _, (c,) in await asyncio.gather(*group)] == states
+    assert [
+        stored_chunk(table.inner, c.pending_key).state for _, (c,) in await asyncio.gather(*group)
+    ] == states
 
 
 async def test_a_waiting_accept_cancelled_before_its_turn_writes_nothing() -> None:
