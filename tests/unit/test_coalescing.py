@@ -688,7 +688,11 @@ async def test_tries_whose_read_started_before_them_share_the_next_read(clock: M
     rig = build(clock)
     await one_each(rig, 1, 2, 3)
     gate = asyncio.Event()
-    rig.operations.before("query", gate.wait)
+
+    async def held() -> None:
+        await gate.wait()
+
+    rig.operations.before("query", held)
     first = asyncio.ensure_future(rig.ledger.view_ahead_of((await one_each(rig, 4))[0], time.monotonic()))
     await asyncio.sleep(0)
     later = [

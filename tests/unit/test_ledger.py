@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -206,8 +207,17 @@ def held_rig() -> tuple[Ledger, TappedStore, asyncio.Event]:
     """A ledger whose next transaction waits for the returned event: accepts made meanwhile queue up."""
     table = TappedStore(MemoryTable("alertgateOperations"))
     gate = asyncio.Event()
-    table.before("transact", gate.wait)
+    table.before("transact", opened(gate))
     return Ledger(table, Clock()), table, gate
+
+
+def opened(gate: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """A hook that waits until `gate` is set."""
+
+    async def wait() -> None:
+        await gate.wait()
+
+    return wait
 
 
 async def settle_tasks() -> None:
@@ -244,7 +254,7 @@ async def test_one_request_accepted_before_fails_alone_and_the_others_of_its_gro
     again = plan(("a1",))
     await ledger.accept(again)
     gate.clear()
-    table.before("transact", gate.wait)
+    table.before("transact", opened(gate))
     holder = asyncio.ensure_future(ledger.accept(plan(("a0",))))
     await settle_tasks()
     group = [asyncio.ensure_future(ledger.accept(p)) for p in (plan(("a2",)), again, plan(("a3",)))]
@@ -268,7 +278,7 @@ async def test_in_a_group_only_a_view_of_this_counter_clear_of_earlier_members_s
     views = [await ledger.look_ahead(ids) for ids in (["a1"], ["a1", "a2"], ["a3"])]
     assert all(v is not None and not v.blocked for v in views)
     gate.clear()
-    table.before("transact", gate.wait)
+    table.before("transact", opened(gate))
     # the held transaction fails (accepted before), so the counter the views were read against stays
     failing = asyncio.ensure_future(ledger.accept(taken))
     await settle_tasks()
