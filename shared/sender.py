@@ -711,7 +711,10 @@ class Sender:
                 return held
             return await self.limiter.reserve(0.0, lead=lead)
 
-        if not state.order_checked:
+        if not state.order_checked and self.gathering.expects(chunk.fields):
+            # Identical updates are being gathered here: this chunk most likely rides. Its order and
+            # carrier first, and budget only if it leads (a grant asked for beside the read would
+            # mostly go back, two writes to the shared budget row for nothing, in a burst).
             view = await self.ledger.view_ahead_of(chunk, state.started)
             state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
@@ -722,7 +725,19 @@ class Sender:
                 if isinstance(state.held, Grant):
                     await self._release(state.held)  # asked for beside accepting: the carrier's call is its
                 return riding
-        grant = await first_budget()
+            grant = await first_budget()
+        elif not state.order_checked:
+            view, grant = await asyncio.gather(
+                self.ledger.view_ahead_of(chunk, state.started), first_budget()
+            )
+            state.view, blocker = view, view.blocker(chunk)
+            if blocker is not None:
+                if isinstance(grant, Grant):
+                    log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
+                    await self._release(grant)
+                return None
+        else:
+            grant = await first_budget()
         if isinstance(grant, Grant):
             patch_now = await self._patch_first(state, grant)
             if patch_now is not None:
@@ -855,31 +870,33 @@ class Sender:
         margin = self.settings.rate_limit_safety_margin_seconds
         return margin / 2 if margin > 0 else float("inf")
 
-    async def _fresh_slot(self, grant: Grant) -> Grant | None:
-        """The call's members were marked after its slot had passed (marking a hundred of them on a busy
-        instance can take longer than the lead it was given): the stale grant is moved to a slot
+    async def _fresh_slot(self, grant: Grant, channel: Channel | None = None) -> Grant | None:
+        """The call's members were marked after its slot had passed (marking a hundred of them, or
+        splitting a chunk into PATCH pieces, on a busy instance can take longer than the lead it was
+        given): the stale grant (of `channel`, batchUpdate by default) is moved to a slot
         FRESH_SLOT_LEAD_SECONDS ahead, within FRESH_SLOT_WAIT_SECONDS, in one write
         (RateLimiter.move), and the call keeps its marks, up to FRESH_SLOT_TRIES times (a busy event
         loop can wake late for the slot too). Giving the members back instead costs a transaction and
         a message each, which on a busy instance made the next call late as well (bench.throughput,
         workload a). A grant that is still fresh, or None (the grant given back)."""
         log.info("call: grant too old when its call would start; moving it to a fresh slot")
+        limiter = (channel or self.channel).limiter
         stale: Grant = grant
         for _ in range(FRESH_SLOT_TRIES):
             try:
-                moved = await self.limiter.move(stale, FRESH_SLOT_WAIT_SECONDS, lead=FRESH_SLOT_LEAD_SECONDS)
+                moved = await limiter.move(stale, FRESH_SLOT_WAIT_SECONDS, lead=FRESH_SLOT_LEAD_SECONDS)
             except Exception:
                 log.warning("a call whose grant went stale could not move it", exc_info=True)
                 return None  # its budget stays spent: the stale grant is not known to be gone
             if isinstance(moved, Denial):
                 break
-            slot = await self.limiter.wait_for(moved)
+            slot = await limiter.wait_for(moved)
             if not isinstance(slot, Grant):
                 return None  # a 429 block came up: the moved slot goes unused (only budget wasted)
             if self._clock() - slot.at <= self.max_grant_age:
                 return slot
             stale = slot
-        await self._release(stale)  # no call was made: the budget goes back
+        await self._release(stale, channel)  # no call was made: the budget goes back
         return None
 
     async def _grant_went_stale(
@@ -1111,7 +1128,10 @@ class Sender:
                 return Attempt(AttemptKind.LOST, piece)
             return Attempt(AttemptKind.DEFERRED, back, delay, expected_in=slot.wait_seconds)
         if self._clock() - grant.at > self.max_grant_age:
-            return await self._grant_went_stale([piece], grant, self.patch)
+            fresh = await self._fresh_slot(grant, self.patch)
+            if fresh is None:
+                return await self._grant_went_stale([piece], None, self.patch)
+            grant = fresh
         result = await self.patch.send(piece.alert_ids, piece.fields, token)
         self._observe(self.patch, result, 1)
         if result.kind is CallKind.UNAUTHORIZED and not piece.fresh_token:
