@@ -87,11 +87,6 @@ class Gathering:
     def is_open(self, fields: dict[str, str]) -> bool:
         return update_key(fields) in self._calls
 
-    def expects(self, fields: dict[str, str]) -> bool:
-        """Is a call of this update open here, or are chunks of it waiting for the next one?"""
-        key = update_key(fields)
-        return key in self._calls or key in self._orphans
-
     def call_of(self, fields: dict[str, str]) -> OpenCall | None:
         return self._calls.get(update_key(fields))
 

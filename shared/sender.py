@@ -711,10 +711,11 @@ class Sender:
                 return held
             return await self.limiter.reserve(0.0, lead=lead)
 
-        if not state.order_checked and self.gathering.expects(chunk.fields):
-            # Identical updates are being gathered here: this chunk most likely rides. Its order and
-            # carrier first, and budget only if it leads (a grant asked for beside the read would
-            # mostly go back, two writes to the shared budget row for nothing, in a burst).
+        if not state.order_checked:
+            # Order and carrier first, budget only if the chunk leads: in a burst most tries ride, and a
+            # grant asked for beside the read would mostly go back (two writes to the shared budget row
+            # for nothing each; reading both side by side was tried, and it stalled the first calls of
+            # bench.throughput's workload a for seconds).
             view = await self.ledger.view_ahead_of(chunk, state.started)
             state.view, blocker = view, view.blocker(chunk)
             if blocker is not None:
@@ -725,19 +726,7 @@ class Sender:
                 if isinstance(state.held, Grant):
                     await self._release(state.held)  # asked for beside accepting: the carrier's call is its
                 return riding
-            grant = await first_budget()
-        elif not state.order_checked:
-            view, grant = await asyncio.gather(
-                self.ledger.view_ahead_of(chunk, state.started), first_budget()
-            )
-            state.view, blocker = view, view.blocker(chunk)
-            if blocker is not None:
-                if isinstance(grant, Grant):
-                    log.info("chunk %s waits behind chunk %s", chunk.chunk_id, blocker.chunk_id)
-                    await self._release(grant)
-                return None
-        else:
-            grant = await first_budget()
+        grant = await first_budget()
         if isinstance(grant, Grant):
             patch_now = await self._patch_first(state, grant)
             if patch_now is not None:
@@ -794,7 +783,11 @@ class Sender:
             await self._release(grant)
             return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
         await self._release(grant)
-        self._open_call(state.chunk, self._clock() + self.trade_lead, await self.channel.max_alerts())
+        limit = await self.channel.max_alerts()
+        along = self.ride_along(state.chunk)  # another try here began to lead meanwhile: ride with it
+        if along is not None:
+            return along
+        self._open_call(state.chunk, self._clock() + self.trade_lead, limit)
         return await self.limiter.reserve(state.max_wait, lead=max(state.lead, self.trade_lead))
 
     async def _riding(self, state: _Try, batch_wait: float) -> Attempt | None:
