@@ -95,7 +95,7 @@ class Intake:
             if (
                 sub.respond_async
                 or not self.sender.budget_free_as_seen()
-                or self.sender.gathering.is_open(sub.update.update.fields())
+                or self.sender.gathering.is_open(sub.update.update.fields(), self._clock())
             ):
                 claim = await self.keys.claim(key, digest, new_operation_id())
             else:

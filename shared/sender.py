@@ -141,9 +141,6 @@ class Attempt:
     # DEFERRED without a write: the chunk's live message is sent again as it is (a chunk riding with
     # another's call must not change its entry, or that call's conditional mark of it would fail).
     keep_message: bool = False
-    # DEFERRED without a message: handed over to a call this process is gathering, whose try queues it
-    # if the call leaves it out (Sender.ride_along).
-    handed_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -264,7 +261,7 @@ class Sender:
             try:
                 return await self._attempt(chunk, max_wait, held, answer_for, lead)
             finally:
-                await self._hand_back(chunk)
+                self.gathering.close(chunk)
 
     @contextlib.contextmanager
     def holding(self, chunk_id: str) -> Iterator[None]:
@@ -284,19 +281,7 @@ class Sender:
     def _open_call(self, lead: Chunk, slot: float, limit: int) -> None:
         """`lead` leads a call that gathers identical updates, expected at `slot`: until its try ends, an
         identical chunk accepted in this process rides it without a try of its own (`ride_along`)."""
-        self.gathering.open(lead, slot, limit)
-
-    async def _hand_back(self, lead: Chunk) -> None:
-        """`lead`'s try ends: what shared.gathering says is owed a queue message now gets it (a driver for
-        the next call of an update whose riders this call left out, or an orphan that waited too long).
-        Due at once: the worker reserves the next slot and waits for it in process (a visibility delay
-        is whole seconds, later than the slot on a short window). If a send fails, the sweep queues the chunk
-        once its message is overdue, as for any chunk whose holder died."""
-        for chunk in self.gathering.close(lead, self._clock()):
-            try:
-                await self.queues.send_chunk(chunk.chunk_id, chunk.msg_token, 0.0)
-            except Exception:
-                log.warning("chunk %s could not be queued; the sweep will", chunk.chunk_id, exc_info=True)
+        self.gathering.open(lead, slot, limit, self._clock())
 
     def sending_here(self, chunk: Chunk) -> bool:
         """Is `chunk` marked Sending in a call a try of this process leads? That try records its outcome
@@ -305,21 +290,21 @@ class Sender:
 
     def ride_along(self, chunk: Chunk) -> Attempt | None:
         """A chunk just accepted (or back from the queue) whose update a call of this process is gathering
-        rides that call without a try of its own: no read of the pending entries, no budget, no queue
-        message (shared.gathering). The call's own gathering reads decide whether it goes along. In a
-        burst of identical updates this leaves one try with reads per call instead of one per request
-        (bench.throughput, workload a). None: try it."""
+        rides that call without a try of its own: no read of the pending entries, no budget
+        (shared.gathering). Its message is sent as it is, due just after the call's slot, so a chunk the
+        call leaves out comes back then. In a burst of identical updates this leaves one try with reads
+        per call instead of one per request (bench.throughput, workload a). None: try it."""
         if chunk.solo or chunk.state != PendingState.PENDING or chunk.not_before > self._clock():
             return None
         if not chunk.msg_token:
-            return None  # its message could not be sent for it later
-        call = self.gathering.ride(chunk)
+            return None  # its message could not be sent as it is
+        call = self.gathering.ride(chunk, self._clock())
         if call is None:
             return None
         wait = max(0.0, call.slot - self._clock())
         log.info("chunk %s rides with chunk %s's call, gathering here", chunk.chunk_id, call.lead)
         return Attempt(
-            AttemptKind.DEFERRED, chunk, wait + RIDE_SLACK_SECONDS, expected_in=wait, handed_over=True
+            AttemptKind.DEFERRED, chunk, wait + RIDE_SLACK_SECONDS, expected_in=wait, keep_message=True
         )
 
     async def _attempt(
@@ -759,7 +744,7 @@ class Sender:
         if isinstance(grants, Denial):
             return None
         await self._release(grant)
-        await self._hand_back(chunk)  # a PATCH call carries no one
+        self.gathering.close(chunk)  # a PATCH call carries no one
         return PatchGrants(grants)
 
     async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial | Attempt:
@@ -847,7 +832,7 @@ class Sender:
         grants = await self.patch.limiter.reserve_many(len(chunk.alert_ids), within, lead=state.lead)
         if isinstance(grants, Denial):
             return grants
-        await self._hand_back(chunk)  # a PATCH call carries no one
+        self.gathering.close(chunk)  # a PATCH call carries no one
         return PatchGrants(grants)
 
     @property
@@ -1224,9 +1209,6 @@ class Sender:
     async def follow_up(self, attempt: Attempt) -> list[Chunk]:
         """After a try that did not finish the chunk, make sure its next try is queued. Returns the chunks
         as they are now (the pieces of a split chunk), for the answer a caller gets."""
-        if attempt.kind is AttemptKind.DEFERRED and attempt.handed_over:
-            expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)
-            return [dataclasses.replace(attempt.chunk, expected_at=expected)]  # for the answer only
         if attempt.kind is AttemptKind.DEFERRED and attempt.keep_message and attempt.chunk.msg_token:
             await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
             expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)

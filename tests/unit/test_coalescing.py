@@ -20,7 +20,7 @@ from shared.channels.base import CallResult
 from shared.coalescing import PendingView
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
-from shared.sender import TRADE_LEAD_SECONDS, AttemptKind
+from shared.sender import COALESCE_MARK_LEAD_SECONDS, RIDE_SLACK_SECONDS, TRADE_LEAD_SECONDS, AttemptKind
 from tests.unit.upstream_fakes import OK, START, ManualClock, Rig, answer, build, too_large, unknown
 
 CLOSE = {"status": "Resolved", "classification": "FalsePositive", "comment": "closed by script"}
@@ -621,25 +621,29 @@ async def test_an_identical_chunk_accepted_while_a_call_gathers_rides_it_without
     async def another_request_arrives() -> None:
         [rider] = await one_each(rig, 2)
         reads = rig.operations.counts["query"]
-        rode.append(await rig.sender.attempt(rider, max_wait=0.5))
+        riding = await rig.sender.attempt(rider, max_wait=0.5)
+        rode.append(riding)
         rode.append(rig.operations.counts["query"] - reads)
+        await rig.sender.follow_up(riding)  # as the intake or the worker does next
 
     rig.operations.before("query", another_request_arrives, skip=1)  # just before the call gathers
 
     attempt = await rig.sender.attempt(lead, max_wait=WAIT)
 
     riding, reads_of_its_own = rode
-    assert isinstance(riding, type(attempt)) and riding.kind is AttemptKind.DEFERRED and riding.handed_over
+    assert isinstance(riding, type(attempt)) and riding.kind is AttemptKind.DEFERRED and riding.keep_message
     assert reads_of_its_own == 0  # no read of the backlog, no budget: the gathering call decides
-    assert rig.queues.chunks == []  # no message: the call carries it, so none is owed
+    # its message as it is, due just after the call's slot: it comes back if the call leaves it out
+    [sent] = rig.queues.chunks
+    assert sent.chunk_id == riding.chunk.chunk_id and sent.token == riding.chunk.msg_token
+    # the hook ran as the call began to gather, COALESCE_MARK_LEAD_SECONDS before its slot
+    assert sent.delay == pytest.approx(COALESCE_MARK_LEAD_SECONDS + RIDE_SLACK_SECONDS, abs=0.05)
     assert attempt.chunk.state == ChunkResult.SUCCEEDED
     assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2))]
     assert await rig.budget_log() == [START + 10]
 
 
-async def test_a_rider_the_call_leaves_out_is_queued_to_lead_the_next_when_the_try_ends(
-    clock: ManualClock,
-) -> None:
+async def test_a_rider_the_call_leaves_out_comes_back_by_its_own_message(clock: ManualClock) -> None:
     rig = await scarce(clock)
     await one_each(rig, 2, fields=OTHER)  # an earlier update of alert 2: a rider on it must wait
     [lead] = await one_each(rig, 1)
@@ -648,7 +652,9 @@ async def test_a_rider_the_call_leaves_out_is_queued_to_lead_the_next_when_the_t
     async def a_request_on_alert_2_arrives() -> None:
         [rider] = await one_each(rig, 2)
         riders.append(rider)
-        assert (await rig.sender.attempt(rider, max_wait=0.5)).handed_over
+        riding = await rig.sender.attempt(rider, max_wait=0.5)
+        assert riding.keep_message
+        await rig.sender.follow_up(riding)
 
     rig.operations.before("query", a_request_on_alert_2_arrives, skip=1)
 
@@ -657,8 +663,9 @@ async def test_a_rider_the_call_leaves_out_is_queued_to_lead_the_next_when_the_t
     [rider] = riders
     assert [c.alert_ids for c in rig.calls] == [(alert(1),)]  # per-alert order kept it out
     [sent] = rig.queues.chunks
-    assert (sent.chunk_id, sent.token, sent.delay) == (rider.chunk_id, rider.msg_token, 0.0)
+    assert (sent.chunk_id, sent.token) == (rider.chunk_id, rider.msg_token)
     assert (await stored(rig, rider)).state == PendingState.PENDING
+    assert not rig.sender.gathering.is_open(CLOSE, clock())  # the lead's try ended: the next one leads
 
 
 async def test_a_call_marked_after_its_slot_takes_a_fresh_slot_and_keeps_its_members(
