@@ -437,14 +437,18 @@ async def test_reserve_returns_the_slot_at_once_and_wait_for_holds_until_it(
         waiting.cancel()
 
 
+def two_instances_of_two_in_ten(instance: MakeLimiter) -> tuple[FakeClock, int, RateLimiter, RateLimiter]:
+    """Two instances of a 2-calls-in-10-s budget on one fake clock, and now in epoch ms (no margin)."""
+    clock = FakeClock(0)
+    windows = [RateWindow(2, 10)]
+    start = math.floor(time.time() * 1000)
+    return clock, start, instance(windows, 0.0, clock=clock), instance(windows, 0.0, clock=clock)
+
+
 async def test_release_gives_an_unused_grant_back(instance: MakeLimiter, table: TableClient) -> None:
     """A grant given up before its call (too old, or its chunk waits behind another) leaves the log, so
     its budget can be granted again; another instance with a stale cache finds the entry gone."""
-    clock = FakeClock(0)
-    start = math.floor(time.time() * 1000)
-    windows = [RateWindow(2, 10)]
-    a = instance(windows, 0.0, clock=clock)
-    b = instance(windows, 0.0, clock=clock)
+    clock, start, a, b = two_instances_of_two_in_ten(instance)
     set_ms(clock, start)
     first = await a.acquire()
     set_ms(clock, start + 5)
@@ -468,11 +472,7 @@ async def test_move_frees_a_grant_s_slot_and_takes_the_next_in_one_write(
     """A call marked after its slot moves its grant (Sender._fresh_slot): the old entry leaves and the
     new one is written together, so the window stays full for every other caller meanwhile; with no slot
     in the wait allowed nothing is written and the old entry stays for the caller to release."""
-    clock = FakeClock(0)
-    start = math.floor(time.time() * 1000)
-    windows = [RateWindow(2, 10)]
-    a = instance(windows, 0.0, clock=clock)
-    other = instance(windows, 0.0, clock=clock)
+    clock, start, a, other = two_instances_of_two_in_ten(instance)
     set_ms(clock, start)
     stale = await a.acquire()
     set_ms(clock, start + 5)
