@@ -221,7 +221,7 @@ async def test_nothing_accepted_is_lost_when_an_instance_dies_mid_backlog(
     settings = {
         **RECOVERY,
         "DEFENDER_RATE_LIMITS": "5/1",
-        "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0.1",
+        "RATE_LIMIT_SAFETY_MARGIN_SECONDS": "0.2",
         # One message at a time per instance: while the held call is in flight no other chunk of the
         # dying instance can be between its Sending mark and its call, so every accepted alert reaches MDE.
         "AzureFunctionsJobHost__extensions__queues__batchSize": "1",
