@@ -27,6 +27,7 @@ from shared.ledger import (
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
 from shared.outcomes import Accepted, InProgress, KeyReused, Replayed, SubmitOutcome
 from shared.sender import AnswerHook, AttemptKind, Held, plan_chunks
+from shared.storage import sending_after
 
 if TYPE_CHECKING:
     from shared.idempotency import IdempotencyStore
@@ -216,9 +217,11 @@ class Intake:
         held: Held = None
         try:
             if ahead:
+                writing = asyncio.Event()
+                accepting = asyncio.ensure_future(self.ledger.accept(plan, view, writing))
                 (operation, chunks), held = await _both(
-                    self.ledger.accept(plan, view),
-                    self.sender.budget_now(len(sub.update.alert_ids) if by_patch else 0),
+                    accepting,
+                    self._budget_beside(accepting, writing, len(sub.update.alert_ids) if by_patch else 0),
                 )
             else:
                 operation, chunks = await self.ledger.accept(plan)
@@ -303,6 +306,16 @@ class Intake:
         extra = {**document, "succeededAlertCount": succeeded, "upstream": error}
         kind, title = _FAILURE_TITLES.get(state.http_status, ("upstream-rejected", "MDE rejected the update"))
         return problem(state.http_status, kind, title, message, headers=headers, extra=extra)
+
+    async def _budget_beside(
+        self, accepting: asyncio.Future[Any], writing: asyncio.Event, by_patch: int
+    ) -> Held:
+        """The budget request made beside accepting. It is built at once but sent only once the accept's
+        transaction is built and on its way (storage.sending_after), so both are in flight together;
+        an accept that ends first (failed before writing) lets it go too."""
+        accepting.add_done_callback(lambda _: writing.set())
+        with sending_after(writing):
+            return await self.sender.budget_now(by_patch)
 
     def _in_progress(self, record: KeyRecord) -> InProgress:
         wait = max(1, min(int(self.settings.sync_max_wait_seconds) + 1, 30))

@@ -313,6 +313,7 @@ class _Accepting:
     plan: AcceptPlan
     view: OrderView | None
     result: asyncio.Future[tuple[Operation, list[Chunk]]]
+    writing: asyncio.Event | None = None  # set once its transaction is on its way (Ledger.accept)
 
 
 class EndListener(Protocol):
@@ -363,7 +364,9 @@ class Ledger:
         identical = fields is not None and any(entry.fields == fields for entry in entries)
         return OrderView(counter, blocked, identical)
 
-    async def accept(self, plan: AcceptPlan, view: OrderView | None = None) -> tuple[Operation, list[Chunk]]:
+    async def accept(
+        self, plan: AcceptPlan, view: OrderView | None = None, writing: asyncio.Event | None = None
+    ) -> tuple[Operation, list[Chunk]]:
         """Number the request's chunks and write operation, journal and chunks in one transaction.
 
         With a `view` that found the order clear, the first chunk is accepted marked Sending (attempt 1),
@@ -374,10 +377,14 @@ class Ledger:
         that arrive while one is being written are accepted together in the next (group commit,
         `_accept_together`): in a burst the counter, not the requests, sets the pace, and one
         transaction of many requests costs both ends far less than one each.
+
+        `writing` is set once the transaction that accepts it is built and on its way (the seam's `sent`):
+        a request meant to go beside it (shared.intake's budget request) waits for that, so the two
+        round trips overlap instead of following each other.
         """
         if not 1 <= len(plan.chunks) <= MAX_ENTRIES_PER_ACCEPT:
             raise ValueError(f"a request is accepted as 1 to {MAX_ENTRIES_PER_ACCEPT} chunks")
-        entry = _Accepting(plan, view, asyncio.get_running_loop().create_future())
+        entry = _Accepting(plan, view, asyncio.get_running_loop().create_future(), writing)
         self._accepting.append(entry)
         try:
             async with self._lock:
@@ -407,7 +414,7 @@ class Ledger:
                     return
             for entry in group:
                 try:
-                    entry.result.set_result(await self._accept_alone(entry.plan, entry.view))
+                    entry.result.set_result(await self._accept_alone(entry.plan, entry.view, entry.writing))
                 except Exception as exc:
                     entry.result.set_exception(exc)
         finally:
@@ -453,8 +460,14 @@ class Ledger:
             ops += own[1:]
             seq = operation.last_seq + 1
         ops[0] = conditional("update", {"PartitionKey": self.partition, "RowKey": COUNTER, "Next": seq}, etag)
+        events = [entry.writing for entry in group if entry.writing is not None]
+
+        def sent() -> None:
+            for event in events:
+                event.set()
+
         try:
-            results = await self._table.transact(ops)
+            results = await self._table.transact(ops, sent)
         except BaseException:
             self._counter = None
             raise
@@ -471,13 +484,15 @@ class Ledger:
         log.info("accepted %d requests in one transaction", len(group))
         return True
 
-    async def _accept_alone(self, plan: AcceptPlan, view: OrderView | None) -> tuple[Operation, list[Chunk]]:
+    async def _accept_alone(
+        self, plan: AcceptPlan, view: OrderView | None, writing: asyncio.Event | None = None
+    ) -> tuple[Operation, list[Chunk]]:
         sending = view is not None and not view.blocked and view.counter == self._counter
         for attempt in range(30):
             first, etag = self._counter or await self._read_counter()  # the view's counter, if sending
             operation, chunks, ops = self._accept_operations(plan, first, etag, sending)
             try:
-                results = await self._table.transact(ops)
+                results = await self._table.transact(ops, None if writing is None else writing.set)
             except BaseException:
                 self._counter = None
                 raise

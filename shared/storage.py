@@ -24,10 +24,12 @@ whether an earlier attempt may have landed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -143,7 +145,12 @@ class StateStore(Protocol):
 
     async def delete(self, partition_key: str, row_key: str, etag: str | None = None) -> bool: ...
 
-    async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None: ...
+    async def transact(
+        self, operations: Sequence[Operation], sent: Callable[[], None] | None = None
+    ) -> list[str | None] | None:
+        """`sent`, if given, is called once the transaction's request is built and on its way (on each
+        try): a caller can start a request it wants side by side with this one only then."""
+        ...
 
 
 class StateTable:
@@ -262,7 +269,9 @@ class StateTable:
         )
         return bool(outcome)
 
-    async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None:
+    async def transact(
+        self, operations: Sequence[Operation], sent: Callable[[], None] | None = None
+    ) -> list[str | None] | None:
         """One entity-group transaction: each operation's new ETag (None for deletes), or None if one of
         its conditions failed. After a lost answer every row it writes is read back: they carry the same
         token and land together or not at all, so one of them still carrying it means the transaction
@@ -280,7 +289,9 @@ class StateTable:
 
             self.round_trips += 1
             try:
-                results = await self._client.submit_transaction(stamped)
+                # The SDK's request hook runs after the multipart body is built, just before sending.
+                hook = {} if sent is None else {"raw_request_hook": lambda _request: sent()}
+                results = await self._client.submit_transaction(stamped, **hook)
             except HttpResponseError as exc:
                 if exc.status_code == 404:  # a row the transaction deletes or updates is gone: a condition
                     raise ConditionFailed(str(exc)) from exc
@@ -500,19 +511,61 @@ def storage_credential(storage: StorageSettings) -> AsyncTokenCredential | None:
 
 
 def client_options() -> dict[str, Any]:
-    """The SDK's retries off (the seam retries, knowing what may have landed) and bounded timeouts.
+    """The SDK's retries off (the seam retries, knowing what may have landed) and bounded timeouts, over
+    a transport that can hold a request back until another is on its way (`sending_after`).
 
     The environment is trusted only when it names a proxy: an aiohttp session that trusts it also looks
     for ~/.netrc credentials in a worker thread on every request, which under a burst cost the worker
     process about a third of its CPU (docs/architecture.md, "Storage clients")."""
-    options: dict[str, Any] = {
-        "retry_total": 0,
+    connection: dict[str, Any] = {
         "connection_timeout": CONNECT_TIMEOUT_SECONDS,
         "read_timeout": READ_TIMEOUT_SECONDS,
     }
     if not proxy_in_environment():
-        options["use_env_settings"] = False
-    return options
+        connection["use_env_settings"] = False
+    return {"retry_total": 0, **connection, "transport": _held_back_transport()(**connection)}
+
+
+SEND_AFTER_MAX_SECONDS = 1.0
+"""The longest a request made under `sending_after` waits for the other to go out: a bound, not a
+schedule (the other normally goes out within milliseconds, or its task ends and sets the event)."""
+
+_SEND_AFTER: ContextVar[asyncio.Event | None] = ContextVar("alertgate_send_after", default=None)
+
+
+@contextlib.contextmanager
+def sending_after(event: asyncio.Event) -> Iterator[None]:
+    """Storage requests this task makes inside the block are built at once but leave only once `event`
+    is set. Two requests meant to go side by side (the synchronous path's accept and budget request)
+    then both are in flight together: started together, the small one used to come back while the SDK
+    was still building the other's body, and they made two round trips in a row."""
+    token = _SEND_AFTER.set(event)
+    try:
+        yield
+    finally:
+        _SEND_AFTER.reset(token)
+
+
+_TRANSPORT: type | None = None
+
+
+def _held_back_transport() -> type:
+    """The SDK's aiohttp transport, waiting for a `sending_after` event before it sends (built on first
+    use: importing the transport is the SDK's cost, paid when a client is made anyway)."""
+    global _TRANSPORT
+    if _TRANSPORT is None:
+        from azure.core.pipeline.transport import AioHttpTransport
+
+        class HeldBackTransport(AioHttpTransport):  # type: ignore[misc]
+            async def send(self, request: Any, **config: Any) -> Any:
+                event = _SEND_AFTER.get()
+                if event is not None and not event.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), SEND_AFTER_MAX_SECONDS)
+                return await super().send(request, **config)
+
+        _TRANSPORT = HeldBackTransport
+    return _TRANSPORT
 
 
 def proxy_in_environment() -> bool:

@@ -638,8 +638,12 @@ class MemoryTable:
 
         return self._call("delete", delete)
 
-    async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None:
+    async def transact(
+        self, operations: Sequence[Operation], sent: Callable[[], None] | None = None
+    ) -> list[str | None] | None:
         def transact() -> list[str | None] | None:
+            if sent is not None:
+                sent()
             try:
                 results = self.state.transaction(operations)
             except TableFailure as failure:

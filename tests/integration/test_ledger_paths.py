@@ -3,12 +3,15 @@
 - The per-alert order read *before* accepting (`look_ahead`) lets the first chunk be accepted already
   marked Sending, but only while the accept counter has not moved since the read; otherwise the request is
   accepted the ordinary way (every chunk Pending), still exactly once.
+- The budget request made beside accepting is held back until the accept's transaction is on its way
+  (`storage.sending_after`), so that both are in flight together.
 - A chunk finished *in place* stays in its p- entry until `settle` moves it to r-; meanwhile every reader
   treats it as finished. End to end, the sweep settles what the synchronous path finished in place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -20,7 +23,7 @@ from devhost.services import Service
 from emulators.control import EmulatorControl
 from shared.idempotency import IdempotencyKey, KeyKind
 from shared.ledger import AcceptPlan, ChunkResult, Ledger, PendingState
-from shared.storage import Tables
+from shared.storage import Tables, client_options, sending_after
 from tests.conftest import HostPool
 from tests.integration.helpers import eventually, new_ids, post, wait_for_operation
 
@@ -191,3 +194,28 @@ async def test_a_synchronous_answer_is_kept_in_the_ledger_and_replayed_from_ther
 
     other, _, problem = await post(http, url, {**body, "status": "New"}, {"Idempotency-Key": key})
     assert other == 422 and problem["errors"][0]["field"] == "Idempotency-Key"
+
+
+async def test_a_request_made_sending_after_an_event_leaves_only_once_it_is_set(azurite: Service) -> None:
+    """A write made under `sending_after` is built at once but sent only once the event is set: a write
+    of the same row made meanwhile, not held back, lands first, and the held insert finds the row there."""
+    service = TableServiceClient.from_connection_string(azurite.urls["connection_string"], **client_options())
+    tables = Tables.from_service(service, f"s{uuid.uuid4().hex[:10]}")
+    await tables.ensure_exist(service)
+    row = {"PartitionKey": "held", "RowKey": "r1"}
+    gate = asyncio.Event()
+
+    async def held() -> str | None:
+        with sending_after(gate):
+            return await tables.operations.insert({**row, "By": "held"})
+
+    waiting = asyncio.ensure_future(held())
+    for _ in range(20):  # time enough for an insert on loopback, well within SEND_AFTER_MAX_SECONDS
+        await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert await tables.operations.insert({**row, "By": "direct"}) is not None
+    gate.set()
+    assert await waiting is None  # it went second: the row was there
+    stored = await tables.operations.get("held", "r1")
+    assert stored is not None and stored["By"] == "direct"
+    await service.close()

@@ -248,6 +248,22 @@ async def test_accepts_made_while_one_is_written_go_together_in_the_next_transac
     assert next_chunk.seq == 12  # the cached counter is the group's
 
 
+async def test_an_accept_tells_when_its_transaction_is_on_its_way_alone_or_in_a_group() -> None:
+    """`writing` is set as the storage seam sends the transaction (not when the accept starts): the
+    synchronous path's budget request waits for it, so that the two go side by side."""
+    ledger, _, gate = held_rig()
+    events = [asyncio.Event() for _ in range(3)]
+    first = asyncio.ensure_future(ledger.accept(plan(("a0",)), writing=events[0]))
+    await settle_tasks()
+    assert not events[0].is_set()  # its transaction is held before the seam sends it
+    rest = [asyncio.ensure_future(ledger.accept(plan((f"a{n}",)), writing=events[n])) for n in (1, 2)]
+    await settle_tasks()
+    assert not any(event.is_set() for event in events)
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert all(event.is_set() for event in events)  # the first alone, the two others in one group
+
+
 async def test_one_request_accepted_before_fails_alone_and_the_others_of_its_group_are_accepted() -> None:
     ledger, table, gate = held_rig()
     gate.set()

@@ -288,9 +288,11 @@ class TappedStore:
         await self._enter("delete")
         return await self.inner.delete(partition_key, row_key, etag)
 
-    async def transact(self, operations: Sequence[Operation]) -> list[str | None] | None:
+    async def transact(
+        self, operations: Sequence[Operation], sent: Callable[[], None] | None = None
+    ) -> list[str | None] | None:
         await self._enter("transact")
-        return await self.inner.transact(operations)
+        return await self.inner.transact(operations, sent)
 
 
 # --- one tenant, wired ---------------------------------------------------------------------------------------
