@@ -235,11 +235,12 @@ class Intake:
             await self.keys.release(record)  # never accepted, nothing sent: a retry may proceed
             raise
         log.info(
-            "accepted operation %s from %s: %d alerts in %d chunks",
+            "accepted operation %s from %s: %d alerts in %d chunks from %s",
             operation.operation_id,
             sub.source,
             operation.alert_count,
             len(chunks),
+            chunks[0].chunk_id,
         )
         answered: list[tuple[ApiResponse, str]] = []  # the answer, and as kept with the chunk
 
@@ -281,7 +282,7 @@ class Intake:
                 seen.append(await self.sender.schedule(chunk, 0.0) or chunk)
                 continue
             attempt = await self.sender.attempt(
-                chunk, max_wait=max(0.0, remaining), held=held, answer_for=answer_for
+                chunk, max_wait=max(0.0, remaining), held=held, answer_for=answer_for, queued=False
             )
             held, answer_for = None, None
             if attempt.kind is AttemptKind.SPLIT:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from shared.tenants import TenantServices
     from shared.tokens import TokenProvider
 
+# How long a stopping process lets the tries for left-out riders finish before cutting them short (each
+# then queues its riders): a second covers a call about to leave, not one waiting for a later slot.
+DRIVER_STOP_GRACE_SECONDS = 1.0
+
 
 @dataclass
 class Runtime:
@@ -61,6 +65,10 @@ class Runtime:
             self.storage_ready = True
 
     async def close(self) -> None:
+        # tries for riders a call left out queue them if cut short: before the queues close
+        await asyncio.gather(
+            *(t.sender.stop_drivers(DRIVER_STOP_GRACE_SECONDS) for t in self.tenants.values())
+        )
         await self.queues.close()
         await self.tables.close()
         await self.table_service.close()

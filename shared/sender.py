@@ -43,7 +43,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -141,6 +141,9 @@ class Attempt:
     # DEFERRED without a write: the chunk's live message is sent again as it is (a chunk riding with
     # another's call must not change its entry, or that call's conditional mark of it would fail).
     keep_message: bool = False
+    # ... and with no message at all: a chunk just accepted rides a call of this process, whose try
+    # queues it if it leaves it out (Gathering.close); the sweep is the net if this process dies.
+    handed_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class _Try:
     answer_for: AnswerHook | None
     lead: float
     order_checked: bool  # accepted marked Sending: the order was checked before accepting
+    queued: bool = True  # the chunk has a queue message (else, riding, it goes without: `ride_along`)
+    may_ride: bool = True  # False: it leads (riders a call left out go on behind one of them: `_drive`)
     rejected: str | None = None  # the token MDE answered 401 to
     first: bool = True  # the first budget request (it may check the order and wait)
     stale: int = 0  # grants given up for age so far
@@ -228,6 +233,7 @@ class Sender:
         self._trying: dict[str, int] = {}  # chunks tries in this process hold, and how many (`holding`)
         self._gather_seconds = 0.0  # how long gathering a call's members took here lately (`trade_lead`)
         self.gathering = Gathering()  # the calls this process gathers, and what rides them
+        self._drivers: set[asyncio.Task[None]] = set()  # tries for riders a call left out (`_drive`)
 
     @property
     def limiter(self) -> RateLimiter:
@@ -241,6 +247,8 @@ class Sender:
         held: Held = None,
         answer_for: AnswerHook | None = None,
         lead: float = 0.0,
+        queued: bool = True,
+        may_ride: bool = True,
     ) -> Attempt:
         """One try at sending `chunk` (plus the single fresh-token retry after a 401).
 
@@ -251,17 +259,88 @@ class Sender:
         this try, its end is recorded with one write in place (Ledger.finish) holding `answer_for`'s
         answer, the caller's idempotent replay. A `lead` asks for grants at least that far ahead, time
         to mark the chunk Sending before its slot (the queue worker, where no caller waits, uses it; a
-        retry after a grant went stale does too).
+        retry after a grant went stale does too). `queued`: the chunk has a queue message (the worker's);
+        one just accepted (the synchronous path's) has none, and rides without one.
         """
-        if held is None:
-            riding = self.ride_along(chunk)
+        if held is None and may_ride:
+            riding = self.ride_along(chunk, queued)
             if riding is not None:
                 return riding
+        ended: Attempt | None = None
         with self.holding(chunk.chunk_id):
             try:
-                return await self._attempt(chunk, max_wait, held, answer_for, lead)
+                ended = await self._attempt(chunk, max_wait, held, answer_for, lead, queued, may_ride)
+                return ended
             finally:
-                self.gathering.close(chunk)
+                self.gathering.ended(chunk)
+                await self._close_call(chunk, ended is not None and ended.kind is AttemptKind.FINISHED)
+
+    async def _close_call(self, lead: Chunk, finished: bool = False) -> None:
+        """`lead`'s call takes no more riders. The riders without a message that it left out (accepted
+        after its last read of the backlog, or over its size) go on: after a call that ended its lead,
+        with the next call of their update here (`_drive`); otherwise (no call was made: the budget
+        was denied, or the lead changed hands) each is queued now with the token it was accepted with,
+        so its entry stays as it is. One that cannot be queued, or whose process dies, is the sweep's
+        (its entry is due since it was accepted)."""
+        left_out = self.gathering.adopt(self.gathering.close(lead), self._clock())
+        if not left_out:  # they ride another call here (the one the lead itself rides, say)
+            return
+        if finished:
+            log.info(
+                "call of chunk %s: %d riders left out go with the next call", lead.chunk_id, len(left_out)
+            )
+            task = asyncio.get_running_loop().create_task(self._drive(left_out))
+            self._drivers.add(task)
+            task.add_done_callback(self._drivers.discard)
+            return
+        log.info("call of chunk %s: %d riders left out, queued", lead.chunk_id, len(left_out))
+        await self._queue_riders(left_out)
+
+    async def _queue_riders(self, riders: Sequence[Chunk]) -> None:
+        async def queue(rider: Chunk) -> None:
+            try:
+                await self.queues.send_chunk(rider.chunk_id, rider.msg_token, 0.0)
+            except Exception:
+                log.warning("chunk %s, left out of a call it rode, could not be queued", rider.chunk_id)
+
+        await asyncio.gather(*(queue(rider) for rider in riders))
+
+    async def _drive(self, riders: Sequence[Chunk]) -> None:
+        """Riders a finished call left out, still without messages: the oldest leads the next call (a
+        full try, as the worker makes it: it reads the order and the backlog, and rides no call here)
+        and takes the others along. Its try hands back what it leaves out in turn, queued if it made no
+        call: every round either makes a call or queues them. A try that breaks off (an error, or this
+        process stopping: `stop_drivers`) queues the driver itself too."""
+        driver, others = riders[0], riders[1:]
+        self.gathering.expect(driver, others)
+        try:
+            attempt = await self.attempt(
+                driver, max_wait=self.worker_wait, lead=MARK_LEAD_SECONDS, queued=False, may_ride=False
+            )
+        except BaseException as exc:
+            await self._queue_riders([driver])
+            if not isinstance(exc, Exception):
+                raise
+            log.warning(
+                "chunk %s: the try for riders left out failed; queued", driver.chunk_id, exc_info=True
+            )
+            return
+        try:
+            await self.follow_up(attempt)
+        except Exception:
+            log.warning("chunk %s: could not be queued after its try; the sweep will", driver.chunk_id)
+
+    async def stop_drivers(self, grace: float) -> None:
+        """Let the tries for left-out riders (`_drive`) end, at most `grace` seconds, then cancel the
+        rest: each cancelled try queues its driver and the riders it held, so a clean stop leaves every
+        one of them a message (a crash leaves them to the sweep)."""
+        for _ in range(10):  # a try that ends may start the next one
+            if not self._drivers:
+                return
+            _, pending = await asyncio.wait(set(self._drivers), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     @contextlib.contextmanager
     def holding(self, chunk_id: str) -> Iterator[None]:
@@ -288,7 +367,10 @@ class Sender:
         (or, if this process dies, the sweep resolves the mark), so its queue message can go."""
         return chunk.state == PendingState.SENDING and self.gathering.sending_here(chunk.call_id)
 
-    def ride_along(self, chunk: Chunk) -> Attempt | None:
+    def _ride_along(self, state: _Try) -> Attempt | None:
+        return self.ride_along(state.chunk, state.queued) if state.may_ride else None
+
+    def ride_along(self, chunk: Chunk, queued: bool = True) -> Attempt | None:
         """A chunk just accepted (or back from the queue) whose update a call of this process is gathering
         rides that call without a try of its own: no read of the pending entries, no budget
         (shared.gathering). Its message is sent as it is, due just after the call's slot, so a chunk the
@@ -298,23 +380,42 @@ class Sender:
             return None
         if not chunk.msg_token:
             return None  # its message could not be sent as it is
-        call = self.gathering.ride(chunk, self._clock())
+        call = self.gathering.ride(chunk, self._clock(), queued)
         if call is None:
             return None
         wait = max(0.0, call.slot - self._clock())
         log.info("chunk %s rides with chunk %s's call, gathering here", chunk.chunk_id, call.lead)
         return Attempt(
-            AttemptKind.DEFERRED, chunk, wait + RIDE_SLACK_SECONDS, expected_in=wait, keep_message=True
+            AttemptKind.DEFERRED,
+            chunk,
+            wait + RIDE_SLACK_SECONDS,
+            expected_in=wait,
+            keep_message=True,
+            handed_over=not queued,
         )
 
     async def _attempt(
-        self, chunk: Chunk, max_wait: float, held: Held, answer_for: AnswerHook | None, lead: float
+        self,
+        chunk: Chunk,
+        max_wait: float,
+        held: Held,
+        answer_for: AnswerHook | None,
+        lead: float,
+        queued: bool = True,
+        may_ride: bool = True,
     ) -> Attempt:
         ended = await self._not_yet(chunk)
         if ended is not None:
             return ended
         state = _Try(
-            chunk, max_wait, held, answer_for, lead, order_checked=chunk.state == PendingState.SENDING
+            chunk,
+            max_wait,
+            held,
+            answer_for,
+            lead,
+            order_checked=chunk.state == PendingState.SENDING,
+            queued=queued,
+            may_ride=may_ride,
         )
         while True:
             token = await bearer(self.tokens, fresh=state.chunk.fresh_token, rejected=state.rejected)
@@ -736,7 +837,7 @@ class Sender:
         chunk = state.chunk
         if self.patch is None or chunk.solo or state.held is not None:
             return None
-        if not self.prefers_patch(len(chunk.alert_ids)):
+        if not self.prefers_patch(len(chunk.alert_ids)) or self.gathering.has_riders(chunk):
             return None
         if await self.ledger.identical_unfinished(chunk, state.started):
             return None
@@ -744,7 +845,7 @@ class Sender:
         if isinstance(grants, Denial):
             return None
         await self._release(grant)
-        self.gathering.close(chunk)  # a PATCH call carries no one
+        await self._close_call(chunk)  # a PATCH call carries no one
         return PatchGrants(grants)
 
     async def _lead_the_waiting(self, state: _Try, grant: Grant) -> Grant | Denial | Attempt:
@@ -761,7 +862,10 @@ class Sender:
             await self._release(grant)
             riding = await self._riding(state, 0.0)
             return riding or await self.limiter.reserve(state.max_wait, lead=max(state.lead, self.trade_lead))
-        if not await self.ledger.identical_waiting_after(state.chunk, state.started):
+        # riders here wait for this chunk's call: it gathers them, even with the budget free now
+        if not self.gathering.has_riders(state.chunk) and not await self.ledger.identical_waiting_after(
+            state.chunk, state.started
+        ):
             if self._clock() - grant.at <= self.max_grant_age / 2:
                 return grant
             # the read took long enough to age the grant: a slot with time to mark the chunk instead
@@ -769,7 +873,7 @@ class Sender:
             return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
         await self._release(grant)
         limit = await self.channel.max_alerts()
-        along = self.ride_along(state.chunk)  # another try here began to lead meanwhile: ride with it
+        along = self._ride_along(state)  # another try here began to lead meanwhile: ride with it
         if along is not None:
             return along
         self._open_call(state.chunk, self._clock() + self.trade_lead, limit)
@@ -787,13 +891,13 @@ class Sender:
         leads (a call of this process gathering its update from now on, `_open_call`)."""
         if state.chunk.solo:
             return None
-        along = self.ride_along(state.chunk)
+        along = self._ride_along(state)
         if along is not None:
             return along
         if state.view is None:
             state.view = await self.ledger.view_ahead_of(state.chunk, state.started)
         limit = await self.channel.max_alerts()
-        along = self.ride_along(state.chunk)  # again: another try may have opened one meanwhile
+        along = self._ride_along(state)  # again: another try may have opened one meanwhile
         if along is not None:
             return along
         due_by = self._clock() + batch_wait + RIDE_SLACK_SECONDS
@@ -824,7 +928,11 @@ class Sender:
             return None  # cheaper, over the long run, as one batchUpdate call (see patch_exchange_rate)
         if state.view is None:
             state.view = await self.ledger.view_ahead_of(chunk, state.started)
-        if state.view.has_peer(chunk) or await self.ledger.identical_waiting_after(chunk, state.started):
+        if (
+            self.gathering.has_riders(chunk)
+            or state.view.has_peer(chunk)
+            or await self.ledger.identical_waiting_after(chunk, state.started)
+        ):
             return None  # it leads (or rides) a batchUpdate call that carries others for nothing
         within = min(state.max_wait, batch_wait - PATCH_TIE_SECONDS)
         if within < 0:
@@ -832,7 +940,7 @@ class Sender:
         grants = await self.patch.limiter.reserve_many(len(chunk.alert_ids), within, lead=state.lead)
         if isinstance(grants, Denial):
             return grants
-        self.gathering.close(chunk)  # a PATCH call carries no one
+        await self._close_call(chunk)  # a PATCH call carries no one
         return PatchGrants(grants)
 
     @property
@@ -1210,7 +1318,8 @@ class Sender:
         """After a try that did not finish the chunk, make sure its next try is queued. Returns the chunks
         as they are now (the pieces of a split chunk), for the answer a caller gets."""
         if attempt.kind is AttemptKind.DEFERRED and attempt.keep_message and attempt.chunk.msg_token:
-            await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
+            if not attempt.handed_over:
+                await self.queues.send_chunk(attempt.chunk.chunk_id, attempt.chunk.msg_token, attempt.delay)
             expected = self._clock() + max(attempt.delay, attempt.expected_in or 0.0)
             return [dataclasses.replace(attempt.chunk, expected_at=expected)]  # for the answer only
         if attempt.kind is AttemptKind.DEFERRED:

@@ -20,7 +20,13 @@ from shared.channels.base import CallResult
 from shared.coalescing import PendingView
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
-from shared.sender import COALESCE_MARK_LEAD_SECONDS, RIDE_SLACK_SECONDS, TRADE_LEAD_SECONDS, AttemptKind
+from shared.sender import (
+    COALESCE_MARK_LEAD_SECONDS,
+    RIDE_SLACK_SECONDS,
+    TRADE_LEAD_SECONDS,
+    Attempt,
+    AttemptKind,
+)
 from tests.unit.upstream_fakes import OK, START, ManualClock, Rig, answer, build, too_large, unknown
 
 CLOSE = {"status": "Resolved", "classification": "FalsePositive", "comment": "closed by script"}
@@ -666,6 +672,95 @@ async def test_a_rider_the_call_leaves_out_comes_back_by_its_own_message(clock: 
     assert (sent.chunk_id, sent.token) == (rider.chunk_id, rider.msg_token)
     assert (await stored(rig, rider)).state == PendingState.PENDING
     assert not rig.sender.gathering.is_open(CLOSE, clock())  # the lead's try ended: the next one leads
+
+
+async def test_a_request_just_accepted_rides_without_a_message_and_the_call_carries_it(
+    clock: ManualClock,
+) -> None:
+    """The synchronous path's chunk (no message yet) rides with no message at all: the call's try is
+    answerable for it (a crash leaves it to the sweep, due since it was accepted)."""
+    rig = await scarce(clock)
+    [lead] = await one_each(rig, 1)
+    rode: list[Attempt] = []
+
+    async def another_request_arrives() -> None:
+        [rider] = await one_each(rig, 2)
+        riding = await rig.sender.attempt(rider, max_wait=0.5, queued=False)
+        rode.append(riding)
+        await rig.sender.follow_up(riding)
+
+    rig.operations.before("query", another_request_arrives, skip=1)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+    await rig.sender.stop_drivers(grace=1.0)
+
+    [riding] = rode
+    assert riding.kind is AttemptKind.DEFERRED and riding.handed_over
+    assert rig.queues.chunks == []  # no message: none sent, none needed
+    assert [c.alert_ids for c in rig.calls] == [(alert(1), alert(2))]
+    assert (await stored(rig, riding.chunk)).state == ChunkResult.SUCCEEDED
+
+
+async def test_a_rider_without_a_message_left_out_by_the_order_gets_one_from_its_own_try(
+    clock: ManualClock,
+) -> None:
+    """Left out of a call that ended its lead, the rider's own try follows at once (the oldest of those
+    left out leads, `Sender._drive`): it reads the order, finds an earlier update of its alert still
+    pending, and is queued to look again, with a message of its own."""
+    rig = await scarce(clock)
+    await one_each(rig, 2, fields=OTHER)  # an earlier update of alert 2
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+
+    async def a_request_on_alert_2_arrives() -> None:
+        [rider] = await one_each(rig, 2)
+        riders.append(rider)
+        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+
+    rig.operations.before("query", a_request_on_alert_2_arrives, skip=1)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+    await rig.sender.stop_drivers(grace=1.0)
+
+    [rider] = riders
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),)]
+    now = await stored(rig, rider)
+    assert now.state == PendingState.PENDING
+    [sent] = rig.queues.chunks
+    assert (sent.chunk_id, sent.token) == (rider.chunk_id, now.msg_token)
+
+
+async def test_a_rider_without_a_message_that_came_after_the_call_s_last_read_goes_with_the_next_call(
+    clock: ManualClock,
+) -> None:
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
+    await spend_batch_budget(rig)
+    await spend_batch_budget(rig)  # two slots at START + 10: one for each call
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+
+    async def a_request_arrives_as_the_call_is_recorded() -> None:
+        if riders:
+            return
+        [rider] = await one_each(rig, 2)
+        riders.append(rider)
+        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+
+    def the_call_is_made() -> CallResult:
+        # the call's gathering is over: a rider now is left out, though the call still takes riders
+        for write in ("replace", "transact"):  # whichever records the call
+            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
+        return OK
+
+    rig.channel.then(the_call_is_made)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+    await rig.sender.stop_drivers(grace=30.0)
+
+    [rider] = riders
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),), (alert(2),)]
+    assert (await stored(rig, rider)).state == ChunkResult.SUCCEEDED
+    assert rig.queues.chunks == []
 
 
 async def test_a_call_marked_after_its_slot_takes_a_fresh_slot_and_keeps_its_members(

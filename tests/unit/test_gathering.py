@@ -1,8 +1,9 @@
 """The calls a process gathers and what rides them (shared.gathering): pure bookkeeping, no I/O.
 
 The rules: an identical chunk rides the open call of its update while it fits (members and alerts),
-never its own; a call takes riders until its lead's try ends, and never longer than OPEN_CALL_MAX_SECONDS;
-the calls a lead's try marked Sending are in flight here until that try ends.
+never its own and never a younger lead's; a call takes riders until its lead's try ends, and never longer
+than OPEN_CALL_MAX_SECONDS; the calls a lead's try marked Sending are in flight here until that try ends;
+a call that closes hands back the riders without a message it did not carry.
 """
 
 from __future__ import annotations
@@ -89,10 +90,55 @@ def test_calls_marked_by_a_lead_are_in_flight_here_until_its_try_ends() -> None:
 
     assert gathering.sending_here("c1") and not gathering.sending_here("c2")
     assert not gathering.sending_here(None)
-    gathering.close(lead)
+    gathering.ended(lead)
     assert not gathering.sending_here("c1")
 
 
 def test_identical_updates_share_a_key_whatever_the_order_of_their_fields() -> None:
     assert update_key({"a": "1", "b": "2"}) == update_key({"b": "2", "a": "1"})
     assert update_key({"a": "1"}) != update_key({"a": "2"})
+
+
+def test_an_older_chunk_never_rides_a_younger_lead_s_call() -> None:
+    """A call takes the chunks accepted after its lead first, so an older rider would be left out of every
+    full call a younger lead makes: it leads instead (its own call takes the younger ones along)."""
+    gathering = Gathering()
+    gathering.open(chunk(5), T0, 500, now=T0)
+
+    assert gathering.ride(chunk(3), T0) is None
+    assert gathering.ride(chunk(6), T0) is not None
+
+
+def test_closing_a_call_returns_the_riders_without_a_message_it_did_not_carry() -> None:
+    gathering, lead = Gathering(), chunk(1)
+    gathering.open(lead, T0, 500, now=T0)
+    gathering.ride(chunk(2), T0, queued=False)
+    gathering.ride(chunk(3), T0, queued=False)
+    gathering.ride(chunk(4), T0)  # has its own message: comes back by it if left out
+    assert gathering.has_riders(lead) and not gathering.has_riders(chunk(2))
+
+    gathering.taken(lead.chunk_id, [lead, chunk(2, call_id="c1")])
+
+    assert [c.chunk_id for c in gathering.close(lead)] == [chunk(3).chunk_id]
+    assert gathering.close(lead) == []  # handed back once
+
+
+def test_riders_expected_by_a_lead_join_its_call_when_it_opens_and_come_back_if_it_leads_none() -> None:
+    gathering = Gathering()
+    gathering.expect(chunk(1), [chunk(2), chunk(3)])
+    assert gathering.has_riders(chunk(1)) and not gathering.is_open(CLOSE, T0)  # not taking riders yet
+
+    gathering.open(chunk(1), T0 + 0.2, 500, now=T0)
+    call = gathering.call_of(CLOSE, T0)
+    assert call is not None and (call.members, call.alerts) == (3, 3)
+    assert gathering.ride(chunk(4), T0, queued=False) is not None
+    gathering.taken(chunk(1).chunk_id, [chunk(1), chunk(2), chunk(4)])
+    assert [c.chunk_id for c in gathering.close(chunk(1))] == [chunk(3).chunk_id]
+
+    # a lead that never opens a call of its own (another lead's is open) hands its expected riders back
+    gathering.open(chunk(7), T0, 500, now=T0)
+    gathering.expect(chunk(8), [chunk(9)])
+    gathering.open(chunk(8), T0, 500, now=T0)
+    open_call = gathering.call_of(CLOSE, T0)
+    assert open_call is not None and open_call.lead == chunk(7).chunk_id
+    assert [c.chunk_id for c in gathering.close(chunk(8))] == [chunk(9).chunk_id]
