@@ -373,9 +373,11 @@ class Sender:
     def ride_along(self, chunk: Chunk, queued: bool = True) -> Attempt | None:
         """A chunk just accepted (or back from the queue) whose update a call of this process is gathering
         rides that call without a try of its own: no read of the pending entries, no budget
-        (shared.gathering). Its message is sent as it is, due just after the call's slot, so a chunk the
-        call leaves out comes back then. In a burst of identical updates this leaves one try with reads
-        per call instead of one per request (bench.throughput, workload a). None: try it."""
+        (shared.gathering). Back from the queue (`queued`), its message is sent again as it is, due just
+        after the call's slot, so a chunk the call leaves out comes back then; just accepted, it has no
+        message and the call's try takes on what it leaves out (`_close_call`). In a burst of identical
+        updates this leaves one try with reads per call instead of one per request (bench.throughput,
+        workload a). None: try it."""
         if chunk.solo or chunk.state != PendingState.PENDING or chunk.not_before > self._clock():
             return None
         if not chunk.msg_token:
