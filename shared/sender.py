@@ -278,7 +278,9 @@ class Sender:
     async def _close_call(self, lead: Chunk, finished: bool = False) -> None:
         """`lead`'s call takes no more riders. The riders without a message that it left out (accepted
         after its last read of the backlog, or over its size) go on: after a call that ended its lead,
-        with the next call of their update here (`_drive`); otherwise (no call was made: the budget
+        with the next call of their update here (`_drive`), which takes riders from now on, so that a
+        request accepted before its try has read anything rides it instead of leading a call of its
+        own (in a burst, each round had two leaders that way); otherwise (no call was made: the budget
         was denied, or the lead changed hands) each is queued now with the token it was accepted with,
         so its entry stays as it is. One that cannot be queued, or whose process dies, is the sweep's
         (its entry is due since it was accepted)."""
@@ -289,7 +291,12 @@ class Sender:
             log.info(
                 "call of chunk %s: %d riders left out go with the next call", lead.chunk_id, len(left_out)
             )
-            task = asyncio.get_running_loop().create_task(self._drive(left_out))
+            driver, others = left_out[0], left_out[1:]
+            self.gathering.expect(driver, others)
+            # Its call takes riders at once: what is accepted before the driver's try reserves a slot
+            # rides it instead of leading a call of its own (a read of the backlog, budget asked for).
+            self._open_call(driver, self._clock() + self.trade_lead, await self.channel.max_alerts())
+            task = asyncio.get_running_loop().create_task(self._drive(driver))
             self._drivers.add(task)
             task.add_done_callback(self._drivers.discard)
             return
@@ -305,17 +312,16 @@ class Sender:
 
         await asyncio.gather(*(queue(rider) for rider in riders))
 
-    async def _drive(self, riders: Sequence[Chunk]) -> None:
+    async def _drive(self, driver: Chunk) -> None:
         """Riders a finished call left out, still without messages: the oldest leads the next call (a
         full try, as the worker makes it: it reads the order and the backlog, and rides no call here)
         and takes the others along. Its try hands back what it leaves out in turn, queued if it made no
         call: every round either makes a call or queues them. A try that breaks off (an error, or this
-        process stopping: `stop_drivers`) queues the driver itself too."""
-        driver, others = riders[0], riders[1:]
-        self.gathering.expect(driver, others)
+        process stopping: `stop_drivers`) queues the driver itself too. It asks for a slot
+        `trade_lead` ahead, time to gather, which `_lead_the_waiting` then keeps."""
         try:
             attempt = await self.attempt(
-                driver, max_wait=self.worker_wait, lead=MARK_LEAD_SECONDS, queued=False, may_ride=False
+                driver, max_wait=self.worker_wait, lead=self.trade_lead, queued=False, may_ride=False
             )
         except BaseException as exc:
             await self._queue_riders([driver])
@@ -855,7 +861,8 @@ class Sender:
         call to carry them). If an older one waits, it leads: this chunk gives the grant back and rides
         with it (`_riding`). If only younger ones wait, this chunk's call carries them: a grant of now
         leaves no time to gather them, so it is traded for a slot TRADE_LEAD_SECONDS ahead (the
-        first that fits, within the wait allowed from there). Budget is seldom free while many wait,
+        first that fits, within the wait allowed from there); a grant at least half that far ahead
+        (a driver's, which asks that far ahead) is kept: a release and a reservation fewer. Budget is seldom free while many wait,
         so the extra read of the later entries is seldom made."""
         view = state.view
         if view is None or state.chunk.solo or state.held is not None:
@@ -873,11 +880,19 @@ class Sender:
             # the read took long enough to age the grant: a slot with time to mark the chunk instead
             await self._release(grant)
             return await self.limiter.reserve(state.max_wait, lead=max(state.lead, MARK_LEAD_SECONDS))
-        await self._release(grant)
         limit = await self.channel.max_alerts()
+        # A grant far enough ahead to gather them is kept (a driver's try asks that far ahead, `_drive`).
+        keep = grant.at - self._clock() >= self.trade_lead / 2
+        if not keep:
+            await self._release(grant)
         along = self._ride_along(state)  # another try here began to lead meanwhile: ride with it
         if along is not None:
+            if keep:
+                await self._release(grant)
             return along
+        if keep:
+            self._open_call(state.chunk, grant.at, limit)
+            return grant
         self._open_call(state.chunk, self._clock() + self.trade_lead, limit)
         return await self.limiter.reserve(state.max_wait, lead=max(state.lead, self.trade_lead))
 
@@ -913,8 +928,8 @@ class Sender:
 
     @property
     def trade_lead(self) -> float:
-        """How far ahead a call that gathers members reserves its slot: TRADE_LEAD_SECONDS, or twice what
-        gathering took here lately if that is more (a read of the backlog and a transaction of up to a
+        """How far ahead a call that gathers members reserves its slot: TRADE_LEAD_SECONDS, or what
+        gathering took here lately (a moving average) if that is more (a read of the backlog and a transaction of up to a
         hundred rows take far longer on a busy instance, and a call marked after its slot must find
         another)."""
         return max(TRADE_LEAD_SECONDS, self._gather_seconds)

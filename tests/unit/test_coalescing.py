@@ -763,6 +763,79 @@ async def test_a_rider_without_a_message_that_came_after_the_call_s_last_read_go
     assert rig.queues.chunks == []
 
 
+async def test_the_next_call_takes_riders_from_the_moment_the_last_one_ends(clock: ManualClock) -> None:
+    """Riders a finished call left out go with the next call, and that call takes riders at once: a
+    request accepted before the driver's try has read anything rides it, instead of leading a call of
+    its own (a read of the backlog and budget asked for, per request, in a burst)."""
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
+    await spend_batch_budget(rig)
+    await spend_batch_budget(rig)  # two slots at START + 10: one for each call
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+
+    async def a_request_arrives_as_the_call_is_recorded() -> None:
+        if riders:
+            return
+        [rider] = await one_each(rig, 2)
+        riders.append(rider)
+        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+
+    def the_call_is_made() -> CallResult:
+        for write in ("replace", "transact"):  # whichever records the call
+            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
+        return OK
+
+    rig.channel.then(the_call_is_made)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+
+    [rider] = riders
+    call = rig.sender.gathering.call_of(CLOSE, clock())
+    assert call is not None and call.lead == rider.chunk_id  # open before the driver's try ran at all
+    [newcomer] = await one_each(rig, 3)
+    reads = rig.operations.counts["query"]
+    riding = await rig.sender.attempt(newcomer, max_wait=0.5, queued=False)
+    assert riding.kind is AttemptKind.DEFERRED and riding.handed_over
+    assert rig.operations.counts["query"] == reads  # no read of its own
+    await rig.sender.follow_up(riding)
+    await rig.sender.stop_drivers(grace=30.0)
+
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),), (alert(2), alert(3))]
+    assert (await stored(rig, newcomer)).state == ChunkResult.SUCCEEDED
+    assert rig.queues.chunks == []
+
+
+async def test_a_driver_keeps_a_grant_that_leaves_time_to_gather(clock: ManualClock) -> None:
+    """The driver of riders left out asks for a slot far enough ahead to gather them, and keeps it:
+    one budget write for its call, not a grant of now given back and a later slot asked for."""
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "5/10"})  # free: every try gets a grant at once
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+
+    async def two_requests_arrive_as_the_call_is_recorded() -> None:
+        if riders:
+            return
+        for rider in await one_each(rig, 2, 3):
+            riders.append(rider)
+            await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+
+    def the_call_is_made() -> CallResult:
+        for write in ("replace", "transact"):
+            rig.operations.before(write, two_requests_arrive_as_the_call_is_recorded)
+        return OK
+
+    rig.channel.then(the_call_is_made)
+
+    await rig.sender.attempt(lead, max_wait=WAIT)
+    assert len(riders) == 2 and len(rig.calls) == 1
+    writes = rig.budget.counts["replace"] + rig.budget.counts["insert"]
+    await rig.sender.stop_drivers(grace=30.0)
+
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),), (alert(2), alert(3))]
+    assert rig.budget.counts["replace"] + rig.budget.counts["insert"] - writes == 1
+    assert rig.queues.chunks == []
+
+
 async def test_a_call_marked_after_its_slot_takes_a_fresh_slot_and_keeps_its_members(
     clock: ManualClock,
 ) -> None:
