@@ -293,15 +293,24 @@ class Sender:
             )
             driver, others = left_out[0], left_out[1:]
             self.gathering.expect(driver, others)
-            # Its call takes riders at once: what is accepted before the driver's try reserves a slot
-            # rides it instead of leading a call of its own (a read of the backlog, budget asked for).
-            self._open_call(driver, self._clock() + self.trade_lead, await self.channel.max_alerts())
+            await self._open_early(driver)
             task = asyncio.get_running_loop().create_task(self._drive(driver))
             self._drivers.add(task)
             task.add_done_callback(self._drivers.discard)
             return
         log.info("call of chunk %s: %d riders left out, queued", lead.chunk_id, len(left_out))
         await self._queue_riders(left_out)
+
+    async def _open_early(self, driver: Chunk) -> None:
+        """The driver's call takes riders at once: what is accepted before its try reserves a slot rides
+        it instead of leading a call of its own (a read of the backlog, budget asked for). If the batch
+        limit cannot be read now, the call opens when the driver's try leads, as any other."""
+        try:
+            limit = await self.channel.max_alerts()
+        except Exception:
+            log.warning("chunk %s: batch limit unreadable; its call opens when it leads", driver.chunk_id)
+            return
+        self._open_call(driver, self._clock() + self.trade_lead, limit)
 
     async def _queue_riders(self, riders: Sequence[Chunk]) -> None:
         async def queue(rider: Chunk) -> None:

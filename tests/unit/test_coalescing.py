@@ -18,6 +18,7 @@ import pytest
 
 from shared.channels.base import CallResult
 from shared.coalescing import PendingView
+from shared.errors import StorageUnavailable
 from shared.ledger import Chunk, ChunkResult, PendingState
 from shared.ratelimit import Grant
 from shared.sender import (
@@ -803,6 +804,48 @@ async def test_the_next_call_takes_riders_from_the_moment_the_last_one_ends(cloc
     assert [c.alert_ids for c in rig.calls] == [(alert(1),), (alert(2), alert(3))]
     assert (await stored(rig, newcomer)).state == ChunkResult.SUCCEEDED
     assert rig.queues.chunks == []
+
+
+async def test_riders_left_out_still_go_when_the_batch_limit_cannot_be_read_as_the_call_ends(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the next call early needs the batch limit; storage failing then must not fail the try that
+    just ended its lead, nor strand its riders: the driver's call opens when it leads, as any other."""
+    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
+    await spend_batch_budget(rig)
+    await spend_batch_budget(rig)
+    [lead] = await one_each(rig, 1)
+    riders: list[Chunk] = []
+    real = rig.channel.max_alerts
+
+    async def unreadable_once() -> int:
+        monkeypatch.setattr(rig.channel, "max_alerts", real)
+        raise StorageUnavailable("the budget table did not answer")
+
+    async def a_request_arrives_as_the_call_is_recorded() -> None:
+        if riders:
+            return
+        [rider] = await one_each(rig, 2)
+        riders.append(rider)
+        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+        monkeypatch.setattr(rig.channel, "max_alerts", unreadable_once)
+
+    def the_call_is_made() -> CallResult:
+        for write in ("replace", "transact"):
+            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
+        return OK
+
+    rig.channel.then(the_call_is_made)
+
+    ended = await rig.sender.attempt(lead, max_wait=WAIT)
+
+    assert ended.kind is AttemptKind.FINISHED
+    assert rig.channel.max_alerts == real  # the failing read was the one made as the call ended
+    assert not rig.sender.gathering.is_open(CLOSE, clock())
+    await rig.sender.stop_drivers(grace=30.0)
+    [rider] = riders
+    assert [c.alert_ids for c in rig.calls] == [(alert(1),), (alert(2),)]
+    assert (await stored(rig, rider)).state == ChunkResult.SUCCEEDED
 
 
 async def test_a_driver_keeps_a_grant_that_leaves_time_to_gather(clock: ManualClock) -> None:
