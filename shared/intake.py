@@ -1,12 +1,14 @@
 """Taking a validated request in: idempotency, acceptance into the ledger, the synchronous try, the answer.
 
 Used by every source (HTTP, the inbound queue, Sentinel), so keys, operations and answers behave the
-same whichever way a request came. The answer is built once, stored with the key, and replayed as is.
+same whichever way a request came. The answer is built once, stored with the key (or kept in the ledger:
+a synchronous answer with its chunk's end, a rider's 202 with its operation), and replayed as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +28,7 @@ from shared.ledger import (
 )
 from shared.operations import retry_after_seconds, status_of, summary, worst_error
 from shared.outcomes import Accepted, InProgress, KeyReused, Replayed, SubmitOutcome
-from shared.sender import AnswerHook, AttemptKind, Held, plan_chunks
+from shared.sender import RIDE_SLACK_SECONDS, AnswerHook, AttemptKind, Held, plan_chunks
 from shared.storage import sending_after
 
 if TYPE_CHECKING:
@@ -93,11 +95,10 @@ class Intake:
         digest = sub.update.digest()
         for _ in range(3):
             view: OrderView | None = None
-            if (
-                sub.respond_async
-                or not self.sender.budget_free_as_seen()
-                or self.sender.gathering.is_open(sub.update.update.fields(), self._clock())
-            ):
+            rides = not sub.respond_async and self.sender.gathering.is_open(
+                sub.update.update.fields(), self._clock()
+            )
+            if sub.respond_async or not self.sender.budget_free_as_seen() or rides:
                 claim = await self.keys.claim(key, digest, new_operation_id())
             else:
                 claim, view = await asyncio.gather(
@@ -107,7 +108,7 @@ class Intake:
             if claim.outcome is ClaimOutcome.MISMATCH:
                 return KeyReused(key.kind.value)
             if claim.outcome is ClaimOutcome.CLAIMED:
-                return await self._accept(record, sub, view)
+                return await self._accept(record, sub, view, rides=rides)
             if claim.outcome is ClaimOutcome.IN_PROGRESS:
                 accepted, completed = await self._from_ledger(record, sub, ended_only=True)
                 if not accepted and self._clock() - record.claimed_at > ACCEPT_LEASE_SECONDS:
@@ -182,6 +183,8 @@ class Intake:
         operation = await self.ledger.operation(record.operation_id)
         if operation is None:
             return False, None
+        if operation.answer:  # a rider's 202, kept with its operation (`_answer_kept`)
+            return True, await self.keys.complete(record, StoredResponse.loads(operation.answer))
         chunks = await self.ledger.chunks_of(operation)
         if ended_only and not status_of(operation, chunks).terminal:
             return True, None
@@ -190,17 +193,19 @@ class Intake:
         return True, await self.keys.complete(record, stored)
 
     async def _accept(
-        self, record: KeyRecord, sub: Submission, view: OrderView | None = None
+        self, record: KeyRecord, sub: Submission, view: OrderView | None = None, *, rides: bool = False
     ) -> Accepted | InProgress:
         limit = await self.sender.channel.max_alerts()
         fields = sub.update.update.fields()
+        planned = plan_chunks(sub.update.alert_ids, fields, limit, MAX_ENTRIES_PER_ACCEPT)
         plan = AcceptPlan(
             record.operation_id,
             sub.source,
             sub.caller,
-            plan_chunks(sub.update.alert_ids, fields, limit, MAX_ENTRIES_PER_ACCEPT),
+            planned,
             record.digest,
             hold_seconds=self.keys.claim_lease,
+            answer=self._answer_kept(sub) if rides and len(planned) == 1 else None,
         )
         # An update an older pending one carries already rides with that one's call: no budget for it.
         ahead = view is not None and not view.blocked and not view.identical and not sub.respond_async
@@ -242,6 +247,9 @@ class Intake:
             len(chunks),
             chunks[0].chunk_id,
         )
+        if operation.answer:  # it rides a call gathering here: answered 202, the key left as claimed
+            await self._send_or_defer(chunks, False, max_wait=0.0)
+            return Accepted(operation.operation_id, _response(StoredResponse.loads(operation.answer)))
         answered: list[tuple[ApiResponse, str]] = []  # the answer, and as kept with the chunk
 
         def answer_for(ended: Chunk) -> str:
@@ -265,15 +273,19 @@ class Intake:
         respond_async: bool,
         held: Held = None,
         answer_for: AnswerHook | None = None,
+        *,
+        max_wait: float | None = None,
     ) -> list[Chunk]:
-        """Send what the budget allows within SYNC_MAX_WAIT_SECONDS; queue the rest. Returns the chunks' states.
+        """Send what the budget allows within SYNC_MAX_WAIT_SECONDS (or `max_wait`); queue the rest.
+        Returns the chunks' states.
 
         `held` and `answer_for` go with the first try of the first chunk only (see Sender.attempt).
         """
         if respond_async:  # expected when the budget frees up, as this process last saw it
             expected = self.sender.limiter.expected_wait()
             return [await self.sender.schedule(chunk, 0.0, expected) or chunk for chunk in chunks]
-        deadline = self._clock() + self.settings.sync_max_wait_seconds
+        wait = self.settings.sync_max_wait_seconds if max_wait is None else max_wait
+        deadline = self._clock() + wait
         todo, seen = list(chunks), list[Chunk]()
         while todo:
             chunk = todo.pop(0)
@@ -307,6 +319,24 @@ class Intake:
         extra = {**document, "succeededAlertCount": succeeded, "upstream": error}
         kind, title = _FAILURE_TITLES.get(state.http_status, ("upstream-rejected", "MDE rejected the update"))
         return problem(state.http_status, kind, title, message, headers=headers, extra=extra)
+
+    def _answer_kept(self, sub: Submission) -> Callable[[Operation, list[Chunk]], str]:
+        """The 202 of a request that rides a call gathering in this process, built as it is accepted
+        and written with its operation (AcceptPlan.answer), so its idempotency key needs no second
+        write: a repeat finds the answer there (`_from_ledger`). It says what a rider's 202 said
+        when it was built after the ride: the chunk Pending, expected just after the call's slot.
+        Whatever the try then does (the call may have closed meanwhile), the request answers this."""
+        fields = sub.update.update.fields()
+
+        def build(operation: Operation, chunks: list[Chunk]) -> str:
+            now = self._clock()
+            call = self.sender.gathering.call_of(fields, now)
+            if call is not None:
+                expected = max(now, call.slot) + RIDE_SLACK_SECONDS
+                chunks = [dataclasses.replace(c, expected_at=expected) for c in chunks]
+            return _stored(self._answer(operation, chunks, sub)).dumps()
+
+        return build
 
     async def _budget_beside(
         self, accepting: asyncio.Future[Any], writing: asyncio.Event, by_patch: int
@@ -354,8 +384,13 @@ def _stored(answer: ApiResponse) -> StoredResponse:
     return StoredResponse(answer.status, dict(answer.headers), answer.body.decode("utf-8"))
 
 
+def _response(stored: StoredResponse, extra_headers: dict[str, str] | None = None) -> ApiResponse:
+    return ApiResponse(
+        stored.status, stored.body.encode("utf-8"), {**stored.headers, **(extra_headers or {})}
+    )
+
+
 def _replay(record: KeyRecord) -> Replayed:
     stored = record.response
     assert stored is not None  # a completed record always holds its response
-    answer = ApiResponse(stored.status, stored.body.encode("utf-8"), {**stored.headers, **REPLAYED})
-    return Replayed(record.operation_id, answer)
+    return Replayed(record.operation_id, _response(stored, REPLAYED))

@@ -127,6 +127,7 @@ class Operation:
     errors: list[dict[str, str]] = field(default_factory=list)
     invalid_status: int | None = None
     partition: str = PARTITION
+    answer: str = ""  # a 202 its request keeps here rather than in its key (AcceptPlan.answer)
 
     @classmethod
     def from_entity(cls, e: TableEntity) -> Operation:
@@ -141,6 +142,7 @@ class Operation:
             errors=json.loads(e.get("Errors") or "[]"),
             invalid_status=e.get("InvalidStatus"),
             partition=e.get("PartitionKey", PARTITION),
+            answer=e.get("Answer") or "",
         )
 
     def to_entity(self) -> dict[str, Any]:
@@ -159,6 +161,8 @@ class Operation:
             entity["Errors"] = json.dumps(self.errors)[:30000]
         if self.invalid_status is not None:
             entity["InvalidStatus"] = self.invalid_status
+        if self.answer:
+            entity["Answer"] = self.answer
         return entity
 
 
@@ -304,6 +308,9 @@ class AcceptPlan:
     digest: str
     # How long the accepting request keeps its chunks to itself before the sweep may queue them.
     hold_seconds: float = 0.0
+    # The answer its request gives whatever happens next, written with the operation (its first
+    # replay copies it to the idempotency key): built from the operation and chunks as accepted.
+    answer: Callable[[Operation, list[Chunk]], str] | None = None
 
 
 @dataclass
@@ -544,6 +551,8 @@ class Ledger:
         ]
         if sending:
             chunks[0].state, chunks[0].sending_since, chunks[0].attempts = PendingState.SENDING, now, 1
+        if plan.answer is not None:
+            operation.answer = plan.answer(operation, chunks)
         counter = {"PartitionKey": self.partition, "RowKey": COUNTER, "Next": last + 1}
         journal = {
             "PartitionKey": self.partition,

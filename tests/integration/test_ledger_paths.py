@@ -196,6 +196,68 @@ async def test_a_synchronous_answer_is_kept_in_the_ledger_and_replayed_from_ther
     assert other == 422 and problem["errors"][0]["field"] == "Idempotency-Key"
 
 
+async def test_a_rider_s_202_is_kept_with_its_operation_and_replayed_from_there(
+    hosts: HostPool,
+    own_hosts: list[Service],
+    azurite: Service,
+    ctl: EmulatorControl,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A request that rides a call its instance gathers is answered 202 at once, and that answer is
+    written with its operation as it is accepted: its key keeps only the claim. A repeat gets exactly
+    that 202, marked a replay, nothing is sent again, and the key is completed from it."""
+    # the lead waits for the next slot (about 5 s away) instead of being queued: a call that gathers
+    host, env = hosts.fresh(
+        DEFENDER_RATE_LIMITS="1/4", DEFENDER_PATCH_RATE_LIMITS="off", SYNC_MAX_WAIT_SECONDS="10"
+    )
+    own_hosts.append(host)
+    url = host.urls["base"] + "/api/alerts/batchUpdate"
+    spent = await post(http, url, {"alertIds": new_ids(2), "status": "Resolved"})
+    assert spent[0] == 200, spent  # the window's only call
+    comment = f"closed by a script {uuid.uuid4()}"
+    lead_ids, rider_ids = new_ids(1), new_ids(1)
+    leading = asyncio.ensure_future(
+        post(http, url, {"alertIds": lead_ids, "status": "Resolved", "comment": comment})
+    )
+    service = TableServiceClient.from_connection_string(azurite.urls["connection_string"])
+    async with (
+        service,
+        service.get_table_client(f"{env['TABLE_PREFIX']}Operations") as operations,
+        service.get_table_client(f"{env['TABLE_PREFIX']}Keys") as keys,
+    ):
+
+        async def lead_accepted() -> bool:
+            rows = [e async for e in operations.query_entities("RowKey ge 'p-' and RowKey lt 'p.'")]
+            return any(json.loads(e["AlertIds"]) == lead_ids for e in rows)
+
+        await eventually(lead_accepted, 10.0, "the lead request accepted")
+        await asyncio.sleep(1.0)  # its try reads the order and opens its call, which waits for the slot
+        body = {"alertIds": rider_ids, "status": "Resolved", "comment": comment}
+        key = f"run-{uuid.uuid4()}"
+        status, headers, first = await post(http, url, body, {"Idempotency-Key": key})
+        assert status == 202, first
+        assert not leading.done()  # answered while the call it rides still waits for its slot
+
+        record = await keys.get_entity(IdempotencyKey(KeyKind.EXPLICIT, key).partition_key, "key")
+        assert record["State"] == "InProgress" and "ResponseBody" not in record
+        operation = await operations.get_entity("ledger", f"o-{first['operationId']}")
+        assert json.loads(json.loads(operation["Answer"])["body"]) == first
+
+        again, replay_headers, replayed = await post(http, url, body, {"Idempotency-Key": key})
+        assert (again, replayed) == (202, first)
+        assert replay_headers["Idempotent-Replayed"] == "true"
+        assert replay_headers["Location"] == headers["Location"]
+        record = await keys.get_entity(IdempotencyKey(KeyKind.EXPLICIT, key).partition_key, "key")
+        assert record["State"] == "Completed" and json.loads(record["ResponseBody"]) == first
+
+    assert (await leading)[0] == 200
+    code, document = await wait_for_operation(http, headers["Location"], within=40)
+    assert code == 200 and document["status"] == "Succeeded"
+    state = await ctl.alert(rider_ids[0])
+    assert state is not None and state["comments"] == [comment]
+    assert len([c for c in await ctl.calls() if rider_ids[0] in c["json"]["alertIds"]]) == 1
+
+
 async def test_a_request_made_sending_after_an_event_leaves_only_once_it_is_set(azurite: Service) -> None:
     """A write made under `sending_after` is built at once but sent only once the event is set: a write
     of the same row made meanwhile, not held back, lands first, and the held insert finds the row there."""

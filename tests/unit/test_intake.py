@@ -113,6 +113,69 @@ async def test_a_request_the_budget_cannot_take_now_is_answered_202_and_queued(c
     assert rig.queues.chunks[-1].delay == pytest.approx(rig.sender.requeue_delay(60.0), abs=0.01)
 
 
+async def test_a_request_riding_a_call_gathering_here_keeps_its_202_with_its_operation(
+    clock: ManualClock,
+) -> None:
+    """A rider is answered 202 at once; its answer is written with its operation as it is accepted, so
+    its key takes no second write. A repeat gets that 202 (status, body, Location) even once the
+    operation has ended, and copies it to the key; nothing is sent for the repeat."""
+    rig = build(clock)
+    [lead] = await rig.accept("da637399794050273599_760707379", fields=RESOLVE.update.fields())
+    rig.sender.gathering.open(lead, clock() + 5.0, 500, clock())  # its call is 5 s away
+
+    outcome = await rig.intake.submit(submission())
+
+    assert isinstance(outcome, Accepted) and outcome.answer.status == 202
+    assert outcome.answer.headers["Location"] == OPERATIONS_URL + outcome.operation_id
+    assert outcome.answer.headers["Retry-After"] == "6"  # just after the call's slot
+    assert rig.calls == [] and rig.queues.chunks == []  # it rides: no call, no message of its own
+    assert rig.keys_table.counts["replace"] == 0  # the claim was the key's only write
+    record = await rig.keys.get(rig.keys.key(KeyKind.EXPLICIT, "key-1"))
+    assert record is not None and record.state == KeyState.IN_PROGRESS
+    operation = await rig.ledger.operation(outcome.operation_id)
+    assert operation is not None
+    assert StoredResponse.loads(operation.answer).body == outcome.answer.body.decode()
+
+    [chunk] = await rig.ledger.chunks_of(operation)
+    await rig.ledger.finish(chunk, ChunkResult.SUCCEEDED, 200, None)  # the call went; it ended
+    repeat = await rig.intake.submit(submission())
+
+    assert isinstance(repeat, Replayed) and repeat.answer.status == 202
+    assert repeat.answer.body == outcome.answer.body
+    assert repeat.answer.headers == {**outcome.answer.headers, **REPLAYED}
+    completed = await rig.keys.get(rig.keys.key(KeyKind.EXPLICIT, "key-1"))
+    assert completed is not None and completed.state == KeyState.COMPLETED
+    assert completed.response is not None and completed.response.status == 202
+    assert rig.calls == []
+
+
+async def test_a_rider_whose_call_closed_before_its_try_still_answers_its_kept_202(
+    clock: ManualClock,
+) -> None:
+    """The call it was to ride closed between the look and the try (its lead's call ended): the request
+    still answers the 202 written with its operation, and its chunk goes on by a try of its own,
+    without waiting (budget free: sent now)."""
+    rig = build(clock)
+    [lead] = await rig.accept("da637399794050273599_760707379", fields=RESOLVE.update.fields())
+    rig.sender.gathering.open(lead, clock() + 5.0, 500, clock())
+
+    async def the_lead_s_try_ends() -> None:
+        await rig.ledger.finish(lead, ChunkResult.SUCCEEDED, 200, None)
+        rig.sender.gathering.close(lead)
+
+    rig.operations.before("transact", the_lead_s_try_ends)  # as the request is accepted
+
+    outcome = await rig.intake.submit(submission())
+
+    assert isinstance(outcome, Accepted) and outcome.answer.status == 202
+    operation = await rig.ledger.operation(outcome.operation_id)
+    assert operation is not None and StoredResponse.loads(operation.answer).status == 202
+    assert [c.alert_ids for c in rig.calls] == [(ID1, ID2)]  # its own try sent it at once
+    repeat = await rig.intake.submit(submission())
+    assert isinstance(repeat, Replayed) and repeat.answer.status == 202
+    assert len(rig.calls) == 1
+
+
 async def test_mde_refusing_is_accepted_with_its_problem_answer_and_replayed_as_is(
     clock: ManualClock,
 ) -> None:
