@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -731,29 +732,47 @@ async def test_a_rider_without_a_message_left_out_by_the_order_gets_one_from_its
     assert (sent.chunk_id, sent.token) == (rider.chunk_id, now.msg_token)
 
 
-async def test_a_rider_without_a_message_that_came_after_the_call_s_last_read_goes_with_the_next_call(
-    clock: ManualClock,
-) -> None:
+async def two_slots(clock: ManualClock) -> Rig:
+    """Two batchUpdate calls per 10 s, both just spent: two slots at START + 10, the lead's call and
+    the next."""
     rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
     await spend_batch_budget(rig)
-    await spend_batch_budget(rig)  # two slots at START + 10: one for each call
-    [lead] = await one_each(rig, 1)
+    await spend_batch_budget(rig)
+    return rig
+
+
+def riders_arrive_as_the_call_is_recorded(
+    rig: Rig, *numbers: int, then: Callable[[], None] | None = None
+) -> list[Chunk]:
+    """Requests on these alerts, each accepted just now (no message) and tried, arrive while the lead's
+    call is being recorded: its gathering is over, so they are left out, though the call still takes
+    riders. Returns the list they are put in as they arrive; `then` runs once they all have."""
     riders: list[Chunk] = []
 
-    async def a_request_arrives_as_the_call_is_recorded() -> None:
+    async def arrive() -> None:
         if riders:
             return
-        [rider] = await one_each(rig, 2)
-        riders.append(rider)
-        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+        for rider in await one_each(rig, *numbers):
+            riders.append(rider)
+            await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
+        if then is not None:
+            then()
 
     def the_call_is_made() -> CallResult:
-        # the call's gathering is over: a rider now is left out, though the call still takes riders
         for write in ("replace", "transact"):  # whichever records the call
-            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
+            rig.operations.before(write, arrive)
         return OK
 
     rig.channel.then(the_call_is_made)
+    return riders
+
+
+async def test_a_rider_without_a_message_that_came_after_the_call_s_last_read_goes_with_the_next_call(
+    clock: ManualClock,
+) -> None:
+    rig = await two_slots(clock)
+    [lead] = await one_each(rig, 1)
+    riders = riders_arrive_as_the_call_is_recorded(rig, 2)
 
     await rig.sender.attempt(lead, max_wait=WAIT)
     await rig.sender.stop_drivers(grace=30.0)
@@ -768,25 +787,9 @@ async def test_the_next_call_takes_riders_from_the_moment_the_last_one_ends(cloc
     """Riders a finished call left out go with the next call, and that call takes riders at once: a
     request accepted before the driver's try has read anything rides it, instead of leading a call of
     its own (a read of the backlog and budget asked for, per request, in a burst)."""
-    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
-    await spend_batch_budget(rig)
-    await spend_batch_budget(rig)  # two slots at START + 10: one for each call
+    rig = await two_slots(clock)
     [lead] = await one_each(rig, 1)
-    riders: list[Chunk] = []
-
-    async def a_request_arrives_as_the_call_is_recorded() -> None:
-        if riders:
-            return
-        [rider] = await one_each(rig, 2)
-        riders.append(rider)
-        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
-
-    def the_call_is_made() -> CallResult:
-        for write in ("replace", "transact"):  # whichever records the call
-            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
-        return OK
-
-    rig.channel.then(the_call_is_made)
+    riders = riders_arrive_as_the_call_is_recorded(rig, 2)
 
     await rig.sender.attempt(lead, max_wait=WAIT)
 
@@ -811,31 +814,17 @@ async def test_riders_left_out_still_go_when_the_batch_limit_cannot_be_read_as_t
 ) -> None:
     """Opening the next call early needs the batch limit; storage failing then must not fail the try that
     just ended its lead, nor strand its riders: the driver's call opens when it leads, as any other."""
-    rig = build(clock, env={"DEFENDER_RATE_LIMITS": "2/10"})
-    await spend_batch_budget(rig)
-    await spend_batch_budget(rig)
+    rig = await two_slots(clock)
     [lead] = await one_each(rig, 1)
-    riders: list[Chunk] = []
     real = rig.channel.max_alerts
 
     async def unreadable_once() -> int:
         monkeypatch.setattr(rig.channel, "max_alerts", real)
         raise StorageUnavailable("the budget table did not answer")
 
-    async def a_request_arrives_as_the_call_is_recorded() -> None:
-        if riders:
-            return
-        [rider] = await one_each(rig, 2)
-        riders.append(rider)
-        await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
-        monkeypatch.setattr(rig.channel, "max_alerts", unreadable_once)
-
-    def the_call_is_made() -> CallResult:
-        for write in ("replace", "transact"):
-            rig.operations.before(write, a_request_arrives_as_the_call_is_recorded)
-        return OK
-
-    rig.channel.then(the_call_is_made)
+    riders = riders_arrive_as_the_call_is_recorded(
+        rig, 2, then=lambda: monkeypatch.setattr(rig.channel, "max_alerts", unreadable_once)
+    )
 
     ended = await rig.sender.attempt(lead, max_wait=WAIT)
 
@@ -853,21 +842,7 @@ async def test_a_driver_keeps_a_grant_that_leaves_time_to_gather(clock: ManualCl
     one budget write for its call, not a grant of now given back and a later slot asked for."""
     rig = build(clock, env={"DEFENDER_RATE_LIMITS": "5/10"})  # free: every try gets a grant at once
     [lead] = await one_each(rig, 1)
-    riders: list[Chunk] = []
-
-    async def two_requests_arrive_as_the_call_is_recorded() -> None:
-        if riders:
-            return
-        for rider in await one_each(rig, 2, 3):
-            riders.append(rider)
-            await rig.sender.follow_up(await rig.sender.attempt(rider, max_wait=0.5, queued=False))
-
-    def the_call_is_made() -> CallResult:
-        for write in ("replace", "transact"):
-            rig.operations.before(write, two_requests_arrive_as_the_call_is_recorded)
-        return OK
-
-    rig.channel.then(the_call_is_made)
+    riders = riders_arrive_as_the_call_is_recorded(rig, 2, 3)
 
     await rig.sender.attempt(lead, max_wait=WAIT)
     assert len(riders) == 2 and len(rig.calls) == 1
