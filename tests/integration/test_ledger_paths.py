@@ -18,6 +18,7 @@ import uuid
 
 import aiohttp
 from azure.data.tables.aio import TableServiceClient
+from azure.storage.queue.aio import QueueClient
 
 from devhost.services import Service
 from emulators.control import EmulatorControl
@@ -204,8 +205,9 @@ async def test_a_rider_s_202_is_kept_with_its_operation_and_replayed_from_there(
     http: aiohttp.ClientSession,
 ) -> None:
     """A request that rides a call its instance gathers is answered 202 at once, and that answer is
-    written with its operation as it is accepted: its key keeps only the claim. A repeat gets exactly
-    that 202, marked a replay, nothing is sent again, and the key is completed from it."""
+    written with its operation as it is accepted: its key keeps only the claim, and it has no queue
+    message. A repeat gets exactly that 202, marked a replay, nothing is sent again, and the key is
+    completed from it."""
     # the lead waits for the next slot (about 5 s away) instead of being queued: a call that gathers
     host, env = hosts.fresh(
         DEFENDER_RATE_LIMITS="1/4", DEFENDER_PATCH_RATE_LIMITS="off", SYNC_MAX_WAIT_SECONDS="10"
@@ -237,6 +239,10 @@ async def test_a_rider_s_202_is_kept_with_its_operation_and_replayed_from_there(
         status, headers, first = await post(http, url, body, {"Idempotency-Key": key})
         assert status == 202, first
         assert not leading.done()  # answered while the call it rides still waits for its slot
+        async with QueueClient.from_connection_string(
+            azurite.urls["connection_string"], env["CHUNKS_QUEUE"]
+        ) as chunks_queue:  # a rider just accepted has no message: the call's try answers for it
+            assert (await chunks_queue.get_queue_properties()).approximate_message_count == 0
 
         record = await keys.get_entity(IdempotencyKey(KeyKind.EXPLICIT, key).partition_key, "key")
         assert record["State"] == "InProgress" and "ResponseBody" not in record
