@@ -248,7 +248,7 @@ class Intake:
             chunks[0].chunk_id,
         )
         if operation.answer:  # it rides a call gathering here: answered 202, the key left as claimed
-            await self._send_or_defer(chunks, False, max_wait=0.0)
+            await self._send_or_defer(chunks, respond_async=False, max_wait=0.0)
             return Accepted(operation.operation_id, _response(StoredResponse.loads(operation.answer)))
         answered: list[tuple[ApiResponse, str]] = []  # the answer, and as kept with the chunk
 

@@ -871,8 +871,8 @@ class Sender:
         with it (`_riding`). If only younger ones wait, this chunk's call carries them: a grant of now
         leaves no time to gather them, so it is traded for a slot TRADE_LEAD_SECONDS ahead (the
         first that fits, within the wait allowed from there); a grant at least half that far ahead
-        (a driver's, which asks that far ahead) is kept: a release and a reservation fewer. Budget is seldom free while many wait,
-        so the extra read of the later entries is seldom made."""
+        (a driver's, which asks that far ahead) is kept: a release and a reservation fewer. Budget
+        is seldom free while many wait, so the extra read of the later entries is seldom made."""
         view = state.view
         if view is None or state.chunk.solo or state.held is not None:
             return grant
@@ -938,9 +938,9 @@ class Sender:
     @property
     def trade_lead(self) -> float:
         """How far ahead a call that gathers members reserves its slot: TRADE_LEAD_SECONDS, or what
-        gathering took here lately (a moving average) if that is more (a read of the backlog and a transaction of up to a
-        hundred rows take far longer on a busy instance, and a call marked after its slot must find
-        another)."""
+        gathering took here lately (a moving average) if that is more (a read of the backlog and a
+        transaction of up to a hundred rows take far longer on a busy instance, and a call marked
+        after its slot must find another)."""
         return max(TRADE_LEAD_SECONDS, self._gather_seconds)
 
     async def _patch_grants(self, state: _Try, batch_wait: float) -> PatchGrants | Denial | None:
